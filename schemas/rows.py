@@ -1,0 +1,121 @@
+"""Pydantic row models: the per-row view of the Arrow schemas in `schemas.tables`, and reject reasons.
+
+Used where rows are validated one at a time (tests, `grit validate`, the trainer, user code); the
+pipeline's hot paths work on Arrow batches directly.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class RejectReason(str, Enum):
+    """Every reason a row can be dropped, by stage. Stats and reports group by these strings."""
+
+    # ingest
+    DOWNLOAD_FAILED = "download_failed"
+    EMPTY_CAPTION = "empty_caption"
+    CAPTION_TOO_LONG = "caption_too_long"
+    MISSING_IMAGE = "missing_image"
+    DUPLICATE_KEY = "duplicate_key"
+    BAD_SOURCE_ROW = "bad_source_row"
+    # chunks
+    UNSAFE_CAPTION = "unsafe_caption"
+    NO_CHUNKS = "no_chunks"
+    # detect (image decoding and the detector)
+    IMAGE_UNREADABLE = "image_unreadable"
+    IMAGE_DECODE_ERROR = "image_decode_error"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_TOO_SMALL = "image_too_small"
+    BAD_DETECTION = "bad_detection"
+    NO_DETECTION = "no_detection"
+    # select
+    NO_BOX = "no_box"
+    # compose
+    ROUNDTRIP_FAILED = "roundtrip_failed"
+
+
+class Reject(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    stage: str
+    reason: str
+    detail: str = ""
+
+
+class SpanBox(BaseModel):
+    """One `[start, end, x1, y1, x2, y2, score]` entry of `noun_chunks` / `ref_exps`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: int = Field(ge=0)
+    end: int
+    x1: float = Field(ge=0.0, le=1.0)
+    y1: float = Field(ge=0.0, le=1.0)
+    x2: float = Field(ge=0.0, le=1.0)
+    y2: float = Field(ge=0.0, le=1.0)
+    score: float = Field(ge=0.0, le=1.0)
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> SpanBox:
+        if len(values) != 7:
+            raise ValueError(f"expected [start, end, x1, y1, x2, y2, score], got {len(values)} values")
+        start, end, x1, y1, x2, y2, score = values
+        if start != int(start) or end != int(end):
+            raise ValueError(f"span offsets must be whole numbers, got {start}, {end}")
+        return cls(start=int(start), end=int(end), x1=x1, y1=y1, x2=x2, y2=y2, score=score)
+
+    @field_validator("x1", "y1", "x2", "y2", "score")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SpanBox:
+        if self.end <= self.start:
+            raise ValueError(f"empty or inverted span [{self.start}, {self.end})")
+        if not (self.x1 < self.x2 and self.y1 < self.y2):
+            raise ValueError(f"degenerate or inverted box ({self.x1}, {self.y1}, {self.x2}, {self.y2})")
+        return self
+
+
+class GritRow(BaseModel):
+    """A final GrIT row, as released in GRIT-20M plus the two grounded-caption views."""
+
+    model_config = ConfigDict(extra="allow")
+
+    key: str
+    url: str | None = None
+    caption: str
+    width: int | None = None
+    height: int | None = None
+    noun_chunks: list[SpanBox]
+    ref_exps: list[SpanBox]
+    grounded_caption: str
+    markdown_caption: str
+
+    @field_validator("noun_chunks", "ref_exps", mode="before")
+    @classmethod
+    def _from_lists(cls, v):
+        return [SpanBox.from_list(x) if isinstance(x, (list, tuple)) else x for x in v]
+
+    @model_validator(mode="after")
+    def _spans_inside_caption(self) -> GritRow:
+        if len(self.noun_chunks) != len(self.ref_exps):
+            raise ValueError("noun_chunks and ref_exps must align 1:1")
+        n = len(self.caption)
+        for name, entries in (("noun_chunks", self.noun_chunks), ("ref_exps", self.ref_exps)):
+            for e in entries:
+                if e.end > n:
+                    raise ValueError(f"{name} span [{e.start}, {e.end}) outside caption of {n} chars")
+        for chunk, expr in zip(self.noun_chunks, self.ref_exps):
+            if not (expr.start <= chunk.start and chunk.end <= expr.end):
+                raise ValueError(f"ref_exp [{expr.start}, {expr.end}) does not contain its chunk "
+                                 f"[{chunk.start}, {chunk.end})")
+        return self

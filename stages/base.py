@@ -1,0 +1,111 @@
+"""The stage contract every pipeline step implements, and the reject bookkeeping they share.
+
+The engine (`grit_pipeline.engine`) runs stages in the fixed order ingest -> chunks -> detect -> select ->
+compose over source shards. For each stage and shard it hands `process_batch` a table holding `key` plus
+the columns of all upstream outputs, restricted to the rows that survived the previous stage, in source
+order. The stage returns its output rows (`key` + the columns it adds, matching `output_schema`) and its
+rejected rows; every input row ends in exactly one of the two (`in = out + rejects`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Generic, TypeVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from schemas.tables import REJECT_SCHEMA
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown keys are errors, so a typo in `select.min_scor=` fails loudly."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Resources(BaseModel):
+    """What one worker of a stage needs. `actor=True` keeps model state in a long-lived actor pool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    actor: bool = False
+    batch_size: int | None = None  # rows per process_batch call; None = one call per shard
+    pool_size: int = 1  # actors in the pool, when actor=True
+
+
+@dataclass
+class StageResult:
+    output: pa.Table
+    rejects: pa.Table
+
+
+@dataclass
+class RejectCollector:
+    """Accumulates rejected rows of one stage; `table()` gives them in the REJECT_SCHEMA."""
+
+    stage: str
+    keys: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+
+    def add(self, key: str, reason: str, detail: str = "") -> None:
+        self.keys.append(key)
+        self.reasons.append(str(getattr(reason, "value", reason)))
+        self.details.append(detail)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def table(self) -> pa.Table:
+        return pa.table(
+            {
+                "key": pa.array(self.keys, pa.string()),
+                "stage": pa.array([self.stage] * len(self.keys), pa.string()),
+                "reason": pa.array(self.reasons, pa.string()),
+                "detail": pa.array(self.details, pa.string()),
+            },
+            schema=REJECT_SCHEMA,
+        )
+
+
+ConfigT = TypeVar("ConfigT", bound=StageConfig)
+
+
+class Stage(ABC, Generic[ConfigT]):
+    """One step of the pipeline.
+
+    Subclasses set `name`, `version`, `Config` and `output_schema`, and implement `process_batch`.
+    Bump `version` whenever a change alters the stage's output: it is part of the fingerprint that
+    decides whether cached outputs are reused.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int]
+    Config: ClassVar[type[StageConfig]]
+    output_schema: ClassVar[pa.Schema]
+
+    def __init__(self, config: ConfigT | None = None):
+        self.config: ConfigT = config if config is not None else self.Config()  # type: ignore[assignment]
+
+    @property
+    def resources(self) -> Resources:
+        return Resources()
+
+    def setup(self) -> None:
+        """Load models once per worker. Called before the first batch; must be idempotent."""
+
+    def prepare_batch(self, table: pa.Table) -> StageResult:
+        """Optional CPU pre-step the engine runs in tasks ahead of `process_batch` (e.g. image decoding
+        ahead of GPU actors). Its output is the input of `process_batch`; its rejects count for this stage."""
+        return StageResult(table, REJECT_SCHEMA.empty_table())
+
+    @abstractmethod
+    def process_batch(self, table: pa.Table) -> StageResult:
+        """Turn one batch of input rows into output rows and rejects."""
+
+    def rejects(self) -> RejectCollector:
+        return RejectCollector(self.name)
