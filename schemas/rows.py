@@ -36,6 +36,7 @@ class RejectReason(str, Enum):
     NO_BOX = "no_box"
     # compose
     ROUNDTRIP_FAILED = "roundtrip_failed"
+    BAD_CHUNK = "bad_chunk"  # a pair's chunk has offsets outside the caption or an expression not containing it
 
 
 class Reject(BaseModel):
