@@ -1,0 +1,254 @@
+"""Stage 1, `ingest`: read a source (img2dataset output, an image folder, LAION/COYO Parquet, GRIT-20M
+metadata) into the pipeline's first table, `schemas.tables.INGEST_SCHEMA` plus passthrough columns.
+
+Unlike the other stages, ingest reads the source itself, so the engine calls two more methods:
+`discover(input_uri)` lists the source shards (the unit of work and resume, DESIGN.md "Run directory"),
+and `read(shard)` returns one shard's raw rows. `process_batch` then validates them: it normalizes the
+caption and rejects what cannot go on. Format-specific reading lives in `stages.sources`, one module per
+format; this module holds the config and the format-independent checks.
+
+Rejects (each input row gets at most one; the first that applies wins, in this order):
+  (reader)          what `read` found: bad_source_row (unparseable row, no key) or download_failed
+                    (img2dataset `status != "success"`, detail = its error_message)
+  bad_source_row    the key is empty, longer than 256 characters, or holds `/`, `\\`, `..` or a
+                    control character (keys become parts of URLs and paths in tools downstream)
+  missing_image     the row's image is not where the source says (only when require_image)
+  empty_caption     null, empty or whitespace-only caption
+  caption_too_long  more than max_caption_chars characters after whitespace normalization
+  duplicate_key     a key already kept earlier in the same shard (the first occurrence is kept).
+                    Duplicates in different shards are not detected: shards are processed independently,
+                    and a cross-shard check would need a global pass over all keys before any shard runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from schemas.rows import RejectReason
+from schemas.tables import INGEST_COLUMNS, INGEST_FIELDS, INGEST_SCHEMA
+from stages.base import Resources, Stage, StageConfig, StageResult
+from stages.sources import READERS, SourceSchemaError, SourceShard, detect_format
+from stages.sources.base import DETAIL_COL, IMAGE_MISSING_COL, REJECT_COL, RESERVED_COLUMNS
+
+__all__ = ["IngestConfig", "IngestStage", "SourceSchemaError", "SourceShard"]
+
+# Unicode White_Space, in RE2 syntax: RE2's \s is ASCII-only and lacks \v; \p{Z} adds NBSP, the
+# ideographic space and the line/paragraph separators; U+0085 is NEL.
+WHITESPACE = r"[\s\x{0B}\x{85}\p{Z}]+"
+BAD_KEY_CHARS = r"/|\\|\.\.|[\x00-\x1f\x7f-\x{9f}]"
+MAX_KEY_CHARS = 256
+
+
+class IngestConfig(StageConfig):
+    """How to read the source and what to reject. Column names default to the first present of a list
+    of aliases (caption: caption/TEXT/text; url: url/URL; key: key; width/height: width/WIDTH ...)."""
+
+    format: Literal["auto", "img2dataset", "folder", "parquet", "grit20m"] = Field(
+        "auto", description="Source format; `auto` detects it (stages.sources.detect_format).")
+    rows_per_shard: int = Field(
+        10_000, ge=1, description="Rows per shard when splitting unsharded sources (folder, parquet, "
+        "grit20m); img2dataset shards are used as they are.")
+    caption_column: str | None = Field(None, description="Source column holding the caption.")
+    url_column: str | None = Field(None, description="Source column holding the image URL.")
+    key_column: str | None = Field(
+        None, description="Source column holding the row key; without one, keys are stable hashes "
+        "(folder: of the relative image path; parquet: of url and caption).")
+    image_column: str | None = Field(
+        None, description="Column with the image path (folder: file/image/file_name/image_path; "
+        "parquet: image_path).")
+    caption_whitespace: Literal["collapse", "strip", "keep"] = Field(
+        "collapse", description="collapse: strip the ends and turn every run of Unicode whitespace "
+        "(newlines, tabs, NBSP) into one space -- the grounded-text formats need single-line captions; "
+        "strip: only the ends; keep: as in the source.")
+    max_caption_chars: int | None = Field(
+        2_000, ge=1, description="Longer captions are rejected (caption_too_long); None = no limit. "
+        "2,000 characters is ~500 BPE tokens, a quarter of Kosmos-2's 2,048-token training sequence; "
+        "alt-texts that long are scraped page text rather than descriptions, and GroundingDINO reads "
+        "only 256 text tokens of them.")
+    require_image: bool | None = Field(
+        None, description="Reject rows whose image is missing (missing_image). None = true for every "
+        "format except grit20m, which has no images.")
+
+    def requires_image(self, fmt: str) -> bool:
+        return self.require_image if self.require_image is not None else fmt != "grit20m"
+
+
+class IngestStage(Stage[IngestConfig]):
+    name: ClassVar[str] = "ingest"
+    version: ClassVar[int] = 1
+    Config: ClassVar[type[StageConfig]] = IngestConfig
+    output_schema: ClassVar[pa.Schema] = INGEST_SCHEMA  # passthrough columns follow
+
+    @property
+    def resources(self) -> Resources:
+        # one call per shard: duplicate keys are detected within the whole shard
+        return Resources(cpus=1.0, batch_size=None)
+
+    # --- reading ----------------------------------------------------------------------------------------
+
+    def source_format(self, input_uri: str) -> str:
+        return detect_format(input_uri) if self.config.format == "auto" else self.config.format
+
+    def discover(self, input_uri: str) -> list[SourceShard]:
+        """The source's shards in index order (deterministic for the same source and config). A local
+        path is made absolute first."""
+        if "://" not in input_uri and "::" not in input_uri:
+            # local paths become absolute: image_ref must not depend on a worker's working directory
+            input_uri = os.path.abspath(input_uri)
+        fmt = self.source_format(input_uri)
+        if fmt == "grit20m" and self.config.require_image:
+            raise SourceSchemaError(f"{input_uri}: GRIT-20M metadata has no images; "
+                                    "set ingest.require_image=false")
+        return READERS[fmt].discover(input_uri, self.config)
+
+    def read(self, shard: SourceShard) -> pa.Table:
+        """One shard's raw rows (canonical column names, source values, `shard` column), unvalidated.
+        Raises SourceSchemaError naming the file when it cannot be read as its format."""
+        return READERS[shard.format].read(shard, self.config)
+
+    # --- validation -------------------------------------------------------------------------------------
+
+    def process_batch(self, table: pa.Table) -> StageResult:
+        cfg = self.config
+        n = table.num_rows
+        reasons: list[str | None] = [None] * n
+        details: list[str | None] = [None] * n
+
+        def reject(mask: np.ndarray, reason: RejectReason, detail) -> None:
+            for i in np.flatnonzero(mask):
+                if reasons[i] is None:
+                    reasons[i], details[i] = reason.value, detail(i)
+
+        keys = table["key"].cast(pa.string()).combine_chunks()
+        key_list = keys.to_pylist()
+        reader_reason = _optional_strings(table, REJECT_COL, n)
+        reader_detail = _optional_strings(table, DETAIL_COL, n)
+        for i, r in enumerate(reader_reason):
+            if r is not None:
+                reasons[i], details[i] = r, reader_detail[i] or ""
+
+        key_len = _filled(pc.utf8_length(keys), 0)
+        bad_key = (_filled(pc.match_substring_regex(keys, BAD_KEY_CHARS), True) | (key_len == 0)
+                   | (key_len > MAX_KEY_CHARS))
+        reject(bad_key, RejectReason.BAD_SOURCE_ROW, lambda i: _bad_key_detail(key_list[i]))
+
+        image_ref = (table["image_ref"].cast(pa.string()).combine_chunks() if "image_ref" in table.column_names
+                     else pa.nulls(n, pa.string()))
+        if IMAGE_MISSING_COL in table.column_names:  # the reader says which rows expected an image
+            why_missing = table[IMAGE_MISSING_COL].to_pylist()
+            expected = np.array([w is not None for w in why_missing], dtype=bool)
+            check_images = cfg.require_image is not False
+        else:  # a table not made by `read`: only an explicit require_image checks image_ref
+            why_missing, expected = [None] * n, True
+            check_images = cfg.require_image is True
+        if check_images:
+            missing = _filled(pc.is_null(image_ref), False) & expected
+            reject(missing, RejectReason.MISSING_IMAGE, lambda i: why_missing[i] or "no image_ref")
+
+        raw_caption = table["caption"].cast(pa.string()).combine_chunks()
+        caption = normalize_captions(raw_caption, cfg.caption_whitespace)
+        visible = normalize_captions(raw_caption, "strip")
+        empty = _filled(pc.equal(pc.utf8_length(visible), 0), True)
+        reject(empty, RejectReason.EMPTY_CAPTION,
+               lambda i: "caption is null" if not raw_caption[i].is_valid else "caption is empty or whitespace")
+        if cfg.max_caption_chars is not None:
+            length = _filled(pc.utf8_length(caption), 0)
+            reject(length > cfg.max_caption_chars, RejectReason.CAPTION_TOO_LONG,
+                   lambda i: f"{length[i]} characters > max_caption_chars {cfg.max_caption_chars}")
+
+        first_row: dict[str, int] = {}
+        for i in range(n):
+            if reasons[i] is None:
+                if key_list[i] in first_row:
+                    reasons[i] = RejectReason.DUPLICATE_KEY.value
+                    details[i] = f"key also at row {first_row[key_list[i]]} of this shard, which is kept"
+                else:
+                    first_row[key_list[i]] = i
+
+        rejects = self.rejects()
+        for i, reason in enumerate(reasons):
+            if reason is not None:
+                rejects.add(key_list[i] if key_list[i] is not None else f"<row {i}>", reason, details[i] or "")
+        kept = np.array([r is None for r in reasons], dtype=bool)
+        return StageResult(self._output(table, caption, kept), rejects.table())
+
+    def _output(self, table: pa.Table, caption: pa.Array, kept: np.ndarray) -> pa.Table:
+        idx = pa.array(np.flatnonzero(kept), pa.int64())
+        n = table.num_rows
+
+        def column(name: str, convert, null_type: pa.DataType):
+            return convert(table[name]) if name in table.column_names else pa.nulls(n, null_type)
+
+        canonical = {
+            "key": table["key"].cast(pa.string()),
+            "shard": table["shard"].cast(pa.int32()),
+            "url": column("url", lambda c: c.cast(pa.string()), pa.string()),
+            "caption": caption,
+            "width": column("width", dimension_column, pa.int32()),
+            "height": column("height", dimension_column, pa.int32()),
+            "image_ref": column("image_ref", lambda c: c.cast(pa.string()), pa.string()),
+        }
+        fields = list(INGEST_FIELDS)
+        arrays = [pc.take(canonical[f.name], idx) for f in INGEST_FIELDS]
+        for field in table.schema:
+            if field.name not in INGEST_COLUMNS and field.name not in RESERVED_COLUMNS:
+                fields.append(field)
+                arrays.append(pc.take(table[field.name], idx))
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def normalize_captions(captions: pa.Array, mode: str) -> pa.Array:
+    """Apply `caption_whitespace` (see IngestConfig) to a string array; nulls stay null."""
+    if mode == "keep":
+        return captions
+    if mode == "strip":
+        return pc.replace_substring_regex(captions, f"^{WHITESPACE}|{WHITESPACE}$", "")
+    if mode == "collapse":
+        return pc.utf8_trim(pc.replace_substring_regex(captions, WHITESPACE, " "), characters=" ")
+    raise ValueError(f"unknown caption_whitespace mode {mode!r}")
+
+
+def dimension_column(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Width/height as int32: integers and whole-ish floats as they are (rounded), numeric strings parsed;
+    missing, non-numeric, non-positive or out-of-range values become null (never a reject)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    t = arr.type
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        values = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        values = np.array([_parse_number(v) for v in arr.to_pylist()], dtype=np.float64)
+    else:
+        return pa.nulls(len(arr), pa.int32())
+    ok = np.isfinite(values) & (values >= 1) & (values <= np.iinfo(np.int32).max)
+    return pa.array(np.rint(np.where(ok, values, 0)).astype(np.int32), mask=~ok)
+
+
+def _parse_number(value: str | None) -> float:
+    try:
+        return float(value) if value is not None else np.nan
+    except ValueError:
+        return np.nan
+
+
+def _bad_key_detail(key: str | None) -> str:
+    if key is None:
+        return "key is null"
+    if key == "":
+        return "key is empty"
+    if len(key) > MAX_KEY_CHARS:
+        return f"key has {len(key)} characters > {MAX_KEY_CHARS}"
+    return f"key {key!r} holds '/', '\\', '..' or a control character"
+
+
+def _optional_strings(table: pa.Table, name: str, n: int) -> list[str | None]:
+    return table[name].to_pylist() if name in table.column_names else [None] * n
+
+
+def _filled(arr: pa.Array | pa.ChunkedArray, fill) -> np.ndarray:
+    return pc.fill_null(arr, fill).to_numpy(zero_copy_only=False)
