@@ -1,0 +1,119 @@
+"""The `grit report` and `grit inspect` commands; `grit_pipeline.cli` adds them with `register(app)`.
+
+The report and inspect modules (pyarrow datasets, matplotlib, the select stage's torch) are imported inside
+the commands, so registering them costs `grit --help` nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+
+def _fail(console: Console, message: str) -> None:
+    console.print(Text(f"error: {message}", style="bold red"))
+    raise typer.Exit(code=2)
+
+
+def report_command(
+    run: str = typer.Argument(..., help="Run directory (local path or s3://...), the --output of `grit run`."),
+    sample: int = typer.Option(12, "--sample", "-n", min=0, help="Rows shown in the gallery."),
+    seed: int = typer.Option(0, help="Seed of the gallery sample (same seed, same rows)."),
+    examples: int = typer.Option(5, help="Reject examples shown per stage and reason."),
+    max_shards: Optional[int] = typer.Option(None, min=1, help="Compute plots over at most this many shards "
+                                             "(evenly spread); default: all."),
+    max_candidates: int = typer.Option(40, min=0, help="Candidate boxes drawn per gallery image (best first)."),
+) -> None:
+    """Write RUN/report/index.html (self-contained: funnel, plots, gallery, rejects) and RUN/report/summary.json."""
+    from grit_pipeline.report.build import ReportOptions, build_report
+    from grit_pipeline.report.funnel import totals
+    from grit_pipeline.report.run_files import RunNotFound
+
+    console = Console(stderr=True)
+    try:
+        report = build_report(run, ReportOptions(sample=sample, seed=seed, examples_per_reason=examples,
+                                                 max_shards=max_shards, max_candidates=max_candidates))
+    except RunNotFound as e:
+        _fail(console, str(e))
+    rows_in, rows_out = totals(report.summary)
+    last = next(reversed(report.summary["stages"]), "compose")
+    console.print(Text(f"{rows_in:,} rows in -> {rows_out:,} " + ("GrIT rows" if last == "compose" else
+                                                                  f"rows out of {last}")
+                       + f"; {len(report.gallery_keys)} rows in the gallery"))
+    print(report.index_url)
+    print(report.summary_url)
+
+
+def _write_png(console: Console, trace, stage: str, out: str, labels: bool) -> None:
+    import fsspec
+
+    from grit_pipeline.report.boxes import BOX_STAGES, boxes_for_stage
+    from grit_pipeline.report.drawing import draw_boxes
+    from grit_pipeline.report.thumbnails import ImageUnavailable, open_image
+
+    if stage not in BOX_STAGES:
+        _fail(console, f"--png draws boxes, which exist at stages {', '.join(BOX_STAGES)}; not at {stage!r}")
+    if stage not in trace.reached:
+        d = trace.dropped or {"stage": "?", "reason": "not in this stage's output"}
+        _fail(console, f"row {trace.key} has no {stage} boxes: dropped at {d['stage']} ({d['reason']}); "
+                       "try an earlier --stage")
+    boxes = boxes_for_stage(stage, trace.row)
+    try:
+        image = open_image(trace.row.get("image_ref"))
+    except ImageUnavailable as e:
+        _fail(console, f"row {trace.key}: image unavailable: {e}")
+    with fsspec.open(out, "wb") as f:
+        draw_boxes(image, boxes, labels=labels).save(f, format="PNG")
+    console.print(Text(f"{len(boxes)} {stage} boxes of {trace.key} drawn on its {image.width}x{image.height} "
+                       f"image -> {out}"))
+
+
+def inspect_command(
+    run: str = typer.Argument(..., help="Run directory (local path or s3://...)."),
+    stage: str = typer.Option(..., "--stage", "-s", help="Stage to show: ingest, chunks, detect, select, compose."),
+    key: Optional[list[str]] = typer.Option(None, "--key", "-k", help="Row key to show (repeatable)."),
+    sample: int = typer.Option(5, "--sample", "-n", min=1, help="Rows to show when no --key is given."),
+    seed: int = typer.Option(0, help="Seed of the sample."),
+    shard: Optional[int] = typer.Option(None, help="Look only in this source shard."),
+    show_rejects: bool = typer.Option(False, "--rejects", help="Show the stage's rejected rows instead."),
+    reason: Optional[str] = typer.Option(None, help="With --rejects: only this reason (e.g. no_box)."),
+    png: Optional[str] = typer.Option(None, "--png", help="Draw the first shown row's boxes on its image here."),
+    labels: bool = typer.Option(True, "--labels/--no-labels", help="Label boxes in the --png."),
+    max_candidates: int = typer.Option(20, help="Detector candidates listed per row."),
+) -> None:
+    """Print rows of one stage (rich tables), or its rejects; --png draws a row's boxes on its image."""
+    from grit_pipeline.report.inspect_render import print_rows, render_rejects
+    from grit_pipeline.report.inspect_rows import InspectError, rejects, rows_by_key, sample_rows
+    from grit_pipeline.report.run_files import RunFiles, RunNotFound
+
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        files = RunFiles.open(run)
+        if show_rejects:
+            if png:
+                _fail(err, "--png draws a row's boxes; it cannot be combined with --rejects")
+            table = rejects(files, stage, n=len(key) if key else sample, keys=key, reason=reason, shard=shard)
+            if table.num_rows == 0:
+                err.print(Text(f"no rejects of {stage}" + (f" with reason {reason!r}" if reason else "")
+                               + (" for the given keys" if key else "")))
+            console.print(render_rejects(table, stage))
+            return
+        traces = (rows_by_key(files, stage, key, [shard] if shard is not None else None) if key
+                  else sample_rows(files, stage, sample, seed, shard))
+    except (RunNotFound, InspectError) as e:
+        _fail(err, str(e))
+    print_rows(console, traces, stage, max_candidates)
+    if png:
+        if not traces:
+            _fail(err, "no row to draw")
+        _write_png(err, traces[0], stage, png, labels)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `report` and `inspect` to the `grit` CLI."""
+    app.command("report")(report_command)
+    app.command("inspect")(inspect_command)
