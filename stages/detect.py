@@ -1,0 +1,209 @@
+"""The `detect` stage: ground each caption's noun chunks to boxes with an open-vocabulary detector.
+
+Two steps, so the GPU never waits on JPEG decoding:
+
+- `prepare_batch` (CPU, run by the engine in Ray tasks ahead of the GPU actors): read each row's image
+  from `image_ref`, decode and resize it to the detector's input size (`stages.images`), and pass the
+  pixels on as Arrow columns `pixels` (uint8 HWC RGB bytes), `pix_h`, `pix_w`, with the original size in
+  `img_w`, `img_h`. Unreadable/undecodable/too large/too small images become rejects.
+- `process_batch` (GPU actor, model loaded once in `setup`): one forward pass per image with all of its
+  chunks in one prompt, batched across images, and the raw candidates out: every (box, chunk) pair
+  scoring at least `floor`, at most `max_candidates` per image, before threshold or NMS, so `select`
+  re-thresholds on CPU without re-running this stage.
+
+Backends (`stages.detectors`): `groundingdino` (official code), `hf` (transformers GroundingDINO or
+OWLv2) and `replay` (precomputed boxes or GRIT-20M's own `noun_chunks`; needs no image at all).
+A row that ends with no candidate is rejected `no_detection` (or `bad_detection` when every replayed box
+was unusable).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from schemas.rows import RejectReason
+from schemas.tables import CANDIDATE_TYPE, DETECT_SCHEMA, REJECT_SCHEMA
+from stages.base import Resources, Stage, StageConfig, StageResult
+from stages.detectors import ChunkPrompt, Detections, ImageInput, build_detector, resize_spec
+from stages.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    DecodeLimits,
+    ImageFailure,
+    decode_image,
+    read_image_refs,
+)
+
+# columns prepare_batch adds for process_batch (never written: the stage's output is DETECT_SCHEMA)
+PIXELS, PIX_H, PIX_W, IMG_W, IMG_H = "pixels", "pix_h", "pix_w", "img_w", "img_h"
+SOURCE_BOXES = "src_noun_chunks"
+
+
+class DetectConfig(StageConfig):
+    backend: Literal["groundingdino", "hf", "replay"] = "groundingdino"
+
+    # groundingdino: the official package
+    gd_checkpoint: str | None = None  # .pth or .safetensors, local or fsspec URL; None = random weights
+    gd_config: str | None = None  # the package's Python config file; None = its GroundingDINO_SwinT_OGC.py
+    gd_text_encoder: str | None = None  # BERT folder or id (`text_encoder_type`); None = the config's
+    gd_overrides: dict[str, Any] = Field(default_factory=dict)  # extra config fields, e.g. num_queries
+    # hf: transformers GroundingDinoForObjectDetection or Owlv2ForObjectDetection
+    hf_model: str | None = None  # local directory or model id
+    # replay: see stages/detectors/replay.py for the file schema
+    replay_path: str | None = None
+    replay_mode: Literal["file", "grit20m"] = "file"
+
+    # what comes out
+    floor: float = Field(0.1, ge=0.0, le=1.0)  # lowest (box, chunk) score kept; select re-thresholds
+    max_candidates: int = Field(100, ge=1)  # per image, best scores first
+    max_text_tokens: int | None = Field(None, ge=3)  # prompt budget; None = the text encoder's (256)
+
+    # how it runs
+    device: str = "auto"  # auto = cuda when available
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast on CUDA only
+    batch_size: int = Field(8, ge=1)  # rows per call, and images per forward pass (halved on CUDA OOM)
+    gpus: float = Field(1.0, ge=0.0)  # per actor; fractional shares a GPU between actors
+    pool_size: int = Field(1, ge=1)
+
+    # image decoding
+    input_size: int | None = Field(None, ge=16)  # None = backend default (800 shorter side; OWLv2 960 longer)
+    max_size: int | None = 1333  # longer side cap for the shorter-side resize
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # header width*height above -> image_too_large
+    min_image_side: int = Field(DEFAULT_MIN_SIDE, ge=1)  # a side below -> image_too_small
+
+
+class DetectStage(Stage[DetectConfig]):
+    name = "detect"
+    version = 1
+    Config = DetectConfig
+    output_schema = DETECT_SCHEMA
+
+    def __init__(self, config: DetectConfig | None = None):
+        super().__init__(config)
+        self._detector = None
+
+    def __getstate__(self):  # ship the config to Ray workers, never a loaded model
+        state = self.__dict__.copy()
+        state["_detector"] = None
+        return state
+
+    @property
+    def resources(self) -> Resources:
+        uses_gpu = self.config.backend != "replay" and self.config.device != "cpu"
+        return Resources(cpus=1.0, gpus=self.config.gpus if uses_gpu else 0.0, actor=True,
+                         batch_size=self.config.batch_size, pool_size=self.config.pool_size)
+
+    def setup(self) -> None:
+        if self._detector is None:
+            self._detector = build_detector(self.config)
+
+    @property
+    def detector(self):
+        self.setup()
+        return self._detector
+
+    # --- CPU: read + decode + resize ------------------------------------------------------------
+    def prepare_batch(self, table: pa.Table) -> StageResult:
+        spec = resize_spec(self.config)
+        if spec is None:  # replay: no pixels needed
+            return StageResult(table, REJECT_SCHEMA.empty_table())
+        rejects = self.rejects()
+        limits = DecodeLimits(max_pixels=self.config.max_image_pixels, min_side=self.config.min_image_side)
+        keys = table.column("key").to_pylist()
+        refs = table.column("image_ref").to_pylist() if "image_ref" in table.column_names else [None] * len(keys)
+        keep = np.zeros(len(keys), bool)
+        pixels, pix_h, pix_w, img_w, img_h = [], [], [], [], []
+        for i, (key, blob) in enumerate(zip(keys, read_image_refs(refs), strict=True)):
+            decoded = blob if isinstance(blob, ImageFailure) else decode_image(blob, spec, limits)
+            if isinstance(decoded, ImageFailure):
+                rejects.add(key, decoded.reason, decoded.detail)
+                continue
+            keep[i] = True
+            pixels.append(decoded.pixels.tobytes())
+            pix_h.append(decoded.pixels.shape[0])
+            pix_w.append(decoded.pixels.shape[1])
+            img_w.append(decoded.width)
+            img_h.append(decoded.height)
+        out = table.filter(pa.array(keep))
+        for name in (PIXELS, PIX_H, PIX_W, IMG_W, IMG_H):
+            if name in out.column_names:
+                out = out.drop_columns([name])
+        out = (out.append_column(PIXELS, pa.array(pixels, pa.large_binary()))
+               .append_column(PIX_H, pa.array(pix_h, pa.int32()))
+               .append_column(PIX_W, pa.array(pix_w, pa.int32()))
+               .append_column(IMG_W, pa.array(img_w, pa.int32()))
+               .append_column(IMG_H, pa.array(img_h, pa.int32())))
+        return StageResult(out, rejects.table())
+
+    # --- GPU: detect ----------------------------------------------------------------------------
+    def process_batch(self, table: pa.Table) -> StageResult:
+        detector = self.detector
+        early = REJECT_SCHEMA.empty_table()
+        if detector.needs_pixels and PIXELS not in table.column_names:  # called without prepare_batch
+            prepared = self.prepare_batch(table)
+            table, early = prepared.output, prepared.rejects
+        rejects = self.rejects()
+
+        keys = table.column("key").to_pylist()
+        captions = table.column("caption").to_pylist()
+        chunks = table.column("chunks").to_pylist()
+        pixels = self._pixels(table) if detector.needs_pixels else [None] * len(keys)
+        sources = (table.column(SOURCE_BOXES).to_pylist() if SOURCE_BOXES in table.column_names
+                   else [None] * len(keys))
+
+        rows, images, prompts = [], [], []
+        for i, key in enumerate(keys):
+            if not chunks[i]:
+                rejects.add(key, RejectReason.NO_DETECTION, "row has no chunks to ground")
+                continue
+            rows.append(i)
+            images.append(ImageInput(key, pixels[i], sources[i]))
+            prompts.append(ChunkPrompt.from_caption(captions[i], [(c["start"], c["end"]) for c in chunks[i]]))
+        found = detector.detect(images, prompts) if rows else []
+
+        out_keys, out_dets = [], []
+        for i, det in zip(rows, found, strict=True):
+            if len(det) == 0:
+                rejects.add(keys[i], det.reason or RejectReason.NO_DETECTION, det.detail)
+            else:
+                out_keys.append(keys[i])
+                out_dets.append(det)
+        output = candidates_table(out_keys, out_dets)
+        return StageResult(output, pa.concat_tables([early, rejects.table()]))
+
+    @staticmethod
+    def _pixels(table: pa.Table) -> list[np.ndarray]:
+        blobs = table.column(PIXELS).to_pylist()
+        hs = table.column(PIX_H).to_pylist()
+        ws = table.column(PIX_W).to_pylist()
+        return [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b, h, w in zip(blobs, hs, ws, strict=True)]
+
+
+def candidates_table(keys: list[str], detections: list[Detections]) -> pa.Table:
+    """Rows of DETECT_SCHEMA from one `Detections` per key."""
+    lengths = np.array([len(d) for d in detections], np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+    def cat(name: str, dtype, shape=(0,)) -> np.ndarray:
+        parts = [getattr(d, name) for d in detections]
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(shape, dtype)
+
+    xyxy = cat("xyxy", np.float64, (0, 4)).reshape(-1, 4)
+    fields = {
+        "box": pa.array(cat("box", np.int32), pa.int32()),
+        "chunk": pa.array(cat("chunk", np.int32), pa.int32()),
+        "x1": pa.array(xyxy[:, 0], pa.float64()),
+        "y1": pa.array(xyxy[:, 1], pa.float64()),
+        "x2": pa.array(xyxy[:, 2], pa.float64()),
+        "y2": pa.array(xyxy[:, 3], pa.float64()),
+        "score": pa.array(cat("score", np.float32), pa.float32()),
+        "box_score": pa.array(cat("box_score", np.float32), pa.float32()),
+    }
+    structs = pa.StructArray.from_arrays(list(fields.values()), fields=list(CANDIDATE_TYPE))
+    candidates = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs,
+                                          type=pa.list_(CANDIDATE_TYPE))
+    return pa.Table.from_arrays([pa.array(keys, pa.string()), candidates], schema=DETECT_SCHEMA)

@@ -1,0 +1,251 @@
+"""Reading image bytes from `image_ref` and decoding them for the detector (the CPU half of `detect`).
+
+The engine runs this in Ray tasks ahead of the GPU actors (`DetectStage.prepare_batch`), so JPEG decoding
+never stalls the GPU. Per image:
+
+1. read the bytes: `image_ref` is an fsspec URL, either a plain path/URL or `tar://<member>::<tar url>`
+   for a webdataset member; refs are grouped by tar so each tar is opened once per batch;
+2. check the header before decoding anything: more than `max_pixels` pixels -> `image_too_large`
+   (decompression bombs), a side under `min_side` -> `image_too_small`;
+3. decode, with JPEG draft mode (DCT scaling) straight to about the detector's input size;
+4. apply the EXIF orientation; bring palette/alpha/LA/CMYK/16-bit/float modes to 8-bit RGB
+   (transparent pixels are composited on white);
+5. resize to the detector's input size (`ResizeSpec`).
+
+Every failure is a `ImageFailure(reason, detail)` for that image alone: a missing file or tar member is
+`image_unreadable`, truncated or garbage bytes are `image_decode_error`.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from schemas.rows import RejectReason
+
+TAR_PREFIX = "tar://"
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bomb limit (~ 0.25 GiB of RGBA)
+DEFAULT_MIN_SIDE = 10
+WHITE = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    """Why one image could not be used; becomes a reject row of the detect stage."""
+
+    reason: RejectReason
+    detail: str
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """8-bit RGB pixels at the detector's input size, and the size of the original (EXIF-oriented) image."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8, C-contiguous
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """The detector's input size.
+
+    `shorter`: the shorter side becomes `size`, unless the longer side would then exceed `max_size`
+    (DETR / GroundingDINO: 800 and 1333). `longer`: the longer side becomes `size` (OWLv2, which then
+    pads to a square). Images are scaled up as well as down, as the models were trained that way.
+    """
+
+    size: int = 800
+    max_size: int | None = 1333
+    mode: Literal["shorter", "longer"] = "shorter"
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after resizing an image of `width` x `height`."""
+        short, long = min(width, height), max(width, height)
+        if self.mode == "longer":
+            scale = self.size / long
+        else:
+            scale = self.size / short
+            if self.max_size is not None and long * scale > self.max_size:
+                scale = self.max_size / long
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int = DEFAULT_MAX_PIXELS  # width * height read from the header; above -> image_too_large
+    min_side: int = DEFAULT_MIN_SIDE  # either side below -> image_too_small
+
+
+# --- reading bytes -----------------------------------------------------------------------------------
+
+
+def split_tar_ref(ref: str) -> tuple[str, str] | None:
+    """`tar://<member>::<tar url>` -> (tar url, member); None for a plain ref."""
+    if not ref.startswith(TAR_PREFIX) or "::" not in ref:
+        return None
+    member, tar_url = ref[len(TAR_PREFIX):].split("::", 1)
+    return tar_url, member.lstrip("/")
+
+
+def read_image_refs(refs: Sequence[str | None]) -> list[bytes | ImageFailure]:
+    """The bytes behind each ref, in order; each tar is opened once however many of its members are asked."""
+    results: list[bytes | ImageFailure] = [ImageFailure(RejectReason.IMAGE_UNREADABLE, "")] * len(refs)
+    by_tar: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for i, ref in enumerate(refs):
+        if not ref:
+            results[i] = ImageFailure(RejectReason.IMAGE_UNREADABLE, "row has no image_ref")
+            continue
+        tar = split_tar_ref(ref)
+        if tar is not None:
+            by_tar[tar[0]].append((i, tar[1]))
+        else:
+            results[i] = _read_file(ref)
+    for tar_url, members in by_tar.items():
+        for i, data in _read_tar_members(tar_url, members).items():
+            results[i] = data
+    return results
+
+
+def _read_file(ref: str) -> bytes | ImageFailure:
+    try:
+        with fsspec.open(ref, "rb") as f:
+            return f.read()
+    except Exception as e:  # missing file, permission, network: all "unreadable" for this row only
+        return ImageFailure(RejectReason.IMAGE_UNREADABLE, f"{ref}: {type(e).__name__}: {e}"[:300])
+
+
+def _read_tar_members(tar_url: str, members: list[tuple[int, str]]) -> dict[int, bytes | ImageFailure]:
+    out: dict[int, bytes | ImageFailure] = {}
+    try:
+        with fsspec.open(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+            index = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isfile()}
+            for i, name in members:
+                info = index.get(name.lstrip("./"))
+                if info is None:
+                    out[i] = ImageFailure(RejectReason.IMAGE_UNREADABLE, f"no member {name!r} in {tar_url}")
+                    continue
+                extracted = tar.extractfile(info)
+                out[i] = extracted.read() if extracted is not None else ImageFailure(
+                    RejectReason.IMAGE_UNREADABLE, f"member {name!r} of {tar_url} is not a file")
+    except Exception as e:
+        detail = f"{tar_url}: {type(e).__name__}: {e}"[:300]
+        for i, _ in members:
+            out.setdefault(i, ImageFailure(RejectReason.IMAGE_UNREADABLE, detail))
+    return out
+
+
+# --- decoding ----------------------------------------------------------------------------------------
+
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+
+
+def open_checked(data: bytes, resize: ResizeSpec | None,
+                 limits: DecodeLimits) -> tuple[Image.Image, tuple[int, int]] | ImageFailure:
+    """Open `data`, check its header against `limits`, set JPEG draft mode for `resize`, and decode.
+
+    Returns the decoded PIL image (before orientation, mode conversion and resizing; smaller than the
+    original when draft mode applied) and the original (width, height) after EXIF orientation."""
+    if not data:
+        return ImageFailure(RejectReason.IMAGE_DECODE_ERROR, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        return ImageFailure(RejectReason.IMAGE_TOO_LARGE, str(e)[:300])
+    except UnidentifiedImageError:
+        return ImageFailure(RejectReason.IMAGE_DECODE_ERROR, f"not a recognised image format ({len(data)} bytes)")
+    except Exception as e:
+        return ImageFailure(RejectReason.IMAGE_DECODE_ERROR, f"{type(e).__name__}: {e}"[:300])
+
+    width, height = im.size
+    if width * height > limits.max_pixels:
+        return ImageFailure(RejectReason.IMAGE_TOO_LARGE,
+                            f"{width}x{height} = {width * height} pixels > max_pixels {limits.max_pixels}")
+    if min(width, height) < limits.min_side:
+        return ImageFailure(RejectReason.IMAGE_TOO_SMALL, f"{width}x{height}, min side {limits.min_side}")
+
+    try:
+        orientation = _orientation(im)
+        oriented_size = (height, width) if orientation in _SWAPS_AXES else (width, height)
+        if resize is not None and im.format == "JPEG":
+            tw, th = resize.target(*oriented_size)
+            if orientation in _SWAPS_AXES:
+                tw, th = th, tw
+            # DCT scaling by 1/2, 1/4 or 1/8 while staying at least as large as the target
+            im.draft("RGB" if im.mode in ("RGB", "YCbCr") else None, (tw, th))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
+    except Image.DecompressionBombError as e:
+        return ImageFailure(RejectReason.IMAGE_TOO_LARGE, str(e)[:300])
+    except Exception as e:  # truncated data raises OSError; corrupt streams SyntaxError/ValueError/...
+        return ImageFailure(RejectReason.IMAGE_DECODE_ERROR, f"{type(e).__name__}: {e}"[:300])
+    return im, oriented_size
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1 = as stored); unreadable EXIF counts as 1 rather than failing the image."""
+    try:
+        value = int(im.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB view of any PIL mode: alpha composited on white, 16-bit and float scaled, not clipped."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(im).astype(np.float64)
+        # PNG/TIFF 16-bit greyscale opens as I;16 (or I): values are 0..65535, not 0..255
+        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        im = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def decode_image(data: bytes, resize: ResizeSpec | None = None,
+                 limits: DecodeLimits = DecodeLimits()) -> DecodedImage | ImageFailure:
+    """Decode one image to 8-bit RGB at `resize` (or its own size); never raises."""
+    opened = open_checked(data, resize, limits)
+    if isinstance(opened, ImageFailure):
+        return opened
+    im, (width, height) = opened
+    try:
+        orientation = _orientation(im)
+        if orientation != 1:
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # a broken EXIF block: keep the pixels as stored
+                if orientation in _SWAPS_AXES:
+                    width, height = height, width
+        rgb = to_rgb(im)
+        target = resize.target(width, height) if resize is not None else (width, height)
+        if rgb.size != target:
+            rgb = rgb.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    except Exception as e:
+        return ImageFailure(RejectReason.IMAGE_DECODE_ERROR, f"{type(e).__name__}: {e}"[:300])
+    return DecodedImage(pixels=pixels, width=int(width), height=int(height))
