@@ -71,6 +71,11 @@ class IngestConfig(StageConfig):
         "2,000 characters is ~500 BPE tokens, a quarter of Kosmos-2's 2,048-token training sequence; "
         "alt-texts that long are scraped page text rather than descriptions, and GroundingDINO reads "
         "only 256 text tokens of them.")
+    external_images: bool = Field(
+        False,
+        description="Parquet sources: allow `image_path` values that are absolute paths or URLs. Off by "
+                    "default, so a metadata file cannot make workers read files outside its folder or "
+                    "fetch URLs with their credentials; relative paths inside the folder always work.")
     require_image: bool | None = Field(
         None, description="Reject rows whose image is missing (missing_image). None = true for every "
         "format except grit20m, which has no images.")

@@ -663,3 +663,27 @@ def test_process_batch_on_a_hand_built_table():
     assert reasons([res.rejects]) == {"b": ("empty_caption", "caption is null")}
     res = IngestStage(IngestConfig(require_image=True)).process_batch(table)
     assert reasons([res.rejects])["c"] == ("missing_image", "no image_ref")
+
+
+def test_parquet_image_paths_outside_the_folder_are_refused_unless_allowed(tmp_path):
+    root = tmp_path / "meta"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "ok.jpg").write_bytes(jpeg((0, 0, 0)))
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(jpeg((9, 9, 9)))
+    paths = ["images/ok.jpg", "../outside.jpg", str(outside), f"file://{outside}"]
+    pq.write_table(pa.table({"url": [f"u{i}" for i in range(4)], "caption": [f"a photo {i}" for i in range(4)],
+                             "image_path": paths}), root / "part-0.parquet")
+
+    def refs(**cfg):
+        stage = IngestStage(IngestConfig(**cfg))
+        result = stage.process_batch(stage.read(stage.discover(str(root))[0]))
+        kept = dict(zip(result.output["caption"].to_pylist(), result.output["image_ref"].to_pylist(), strict=True))
+        reasons = dict(zip(result.rejects["key"].to_pylist(), result.rejects["detail"].to_pylist(), strict=True))
+        return kept, reasons
+
+    kept, rejected = refs()
+    assert kept == {"a photo 0": f"{root}/images/ok.jpg"}
+    assert len(rejected) == 3 and all("outside the source folder" in d for d in rejected.values())
+    kept, _ = refs(external_images=True)
+    assert set(kept) == {"a photo 0", "a photo 2", "a photo 3"}  # "../" never escapes the folder

@@ -35,6 +35,7 @@ from stages.sources.base import (
     stable_key,
     url_to_fs,
 )
+from stages.sources.folder import relative_image_path
 
 if TYPE_CHECKING:
     from stages.ingest import IngestConfig
@@ -124,17 +125,30 @@ def read(shard: SourceShard, cfg: IngestConfig) -> pa.Table:
     missing: list[str | None] = [None] * n
     if cols.image:
         base = parent_uri(shard.uri)
-        wanted = [None if p is None else (p if "://" in p or p.startswith("/") else join_uri(base, p))
-                  for p in images]
+        wanted = [_image_uri(p, base, cfg.external_images) for p in images]
         present = _existing(u for u in wanted if u is not None)
         for i, want in enumerate(wanted):
             if want is not None and want in present:
                 refs[i] = want
             else:
-                missing[i] = f"image {images[i]!r} not found" if images[i] else "no image path"
+                missing[i] = (f"image {images[i]!r} not found" if want is not None
+                              else f"image path {images[i]!r} points outside the source folder "
+                                   "(set ingest.external_images=true to allow)" if images[i]
+                              else "no image path")
     return assemble(table, cols, source=shard.uri, shard=shard.index, key=keys,
                     image_ref=pa.array(refs, pa.string()), reject=reject, detail=detail,
                     image_missing=missing)
+
+
+def _image_uri(path: str | None, base: str, external: bool) -> str | None:
+    """Where an `image_path` value points: inside the Parquet file's folder, or (only with
+    `ingest.external_images`) an absolute path or URL. None for a path that escapes the folder."""
+    if path is None:
+        return None
+    if "://" in path or path.startswith("/"):
+        return path if external else None
+    inside = relative_image_path(path)
+    return None if inside is None else join_uri(base, inside)
 
 
 def _existing(uris) -> set[str]:
