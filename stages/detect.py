@@ -30,6 +30,7 @@ from schemas.tables import CANDIDATE_TYPE, DETECT_SCHEMA, REJECT_SCHEMA
 from stages.base import Resources, Stage, StageConfig, StageResult
 from stages.detectors import ChunkPrompt, Detections, ImageInput, build_detector, resize_spec
 from stages.images import (
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
     DecodeLimits,
@@ -73,6 +74,7 @@ class DetectConfig(StageConfig):
     input_size: int | None = Field(None, ge=16)  # None = backend default (800 shorter side; OWLv2 960 longer)
     max_size: int | None = 1333  # longer side cap for the shorter-side resize
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # header width*height above -> image_too_large
+    max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)  # encoded size above -> image_too_large, unread
     min_image_side: int = Field(DEFAULT_MIN_SIDE, ge=1)  # a side below -> image_too_small
 
 
@@ -117,7 +119,7 @@ class DetectStage(Stage[DetectConfig]):
         refs = table.column("image_ref").to_pylist() if "image_ref" in table.column_names else [None] * len(keys)
         keep = np.zeros(len(keys), bool)
         pixels, pix_h, pix_w, img_w, img_h = [], [], [], [], []
-        for i, (key, blob) in enumerate(zip(keys, read_image_refs(refs), strict=True)):
+        for i, (key, blob) in enumerate(zip(keys, read_image_refs(refs, self.config.max_image_bytes), strict=True)):
             decoded = blob if isinstance(blob, ImageFailure) else decode_image(blob, spec, limits)
             if isinstance(decoded, ImageFailure):
                 rejects.add(key, decoded.reason, decoded.detail)

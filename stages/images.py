@@ -97,8 +97,12 @@ def split_tar_ref(ref: str) -> tuple[str, str] | None:
     return tar_url, member.lstrip("/")
 
 
-def read_image_refs(refs: Sequence[str | None]) -> list[bytes | ImageFailure]:
-    """The bytes behind each ref, in order; each tar is opened once however many of its members are asked."""
+DEFAULT_MAX_BYTES = 64 * 2**20  # an encoded image larger than this is refused before it is read into memory
+
+
+def read_image_refs(refs: Sequence[str | None], max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes | ImageFailure]:
+    """The bytes behind each ref, in order; each tar is opened once however many of its members are asked.
+    Files and members over `max_bytes` become `image_too_large` without being read whole."""
     results: list[bytes | ImageFailure] = [ImageFailure(RejectReason.IMAGE_UNREADABLE, "")] * len(refs)
     by_tar: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for i, ref in enumerate(refs):
@@ -109,22 +113,28 @@ def read_image_refs(refs: Sequence[str | None]) -> list[bytes | ImageFailure]:
         if tar is not None:
             by_tar[tar[0]].append((i, tar[1]))
         else:
-            results[i] = _read_file(ref)
+            results[i] = _read_file(ref, max_bytes)
     for tar_url, members in by_tar.items():
-        for i, data in _read_tar_members(tar_url, members).items():
+        for i, data in _read_tar_members(tar_url, members, max_bytes).items():
             results[i] = data
     return results
 
 
-def _read_file(ref: str) -> bytes | ImageFailure:
+def _too_large(where: str, size: int, max_bytes: int) -> ImageFailure:
+    return ImageFailure(RejectReason.IMAGE_TOO_LARGE, f"{where}: {size} bytes > max_image_bytes {max_bytes}")
+
+
+def _read_file(ref: str, max_bytes: int) -> bytes | ImageFailure:
     try:
         with fsspec.open(ref, "rb") as f:
-            return f.read()
+            data = f.read(max_bytes + 1)
+        return _too_large(ref, len(data), max_bytes) if len(data) > max_bytes else data
     except Exception as e:  # missing file, permission, network: all "unreadable" for this row only
         return ImageFailure(RejectReason.IMAGE_UNREADABLE, f"{ref}: {type(e).__name__}: {e}"[:300])
 
 
-def _read_tar_members(tar_url: str, members: list[tuple[int, str]]) -> dict[int, bytes | ImageFailure]:
+def _read_tar_members(tar_url: str, members: list[tuple[int, str]],
+                      max_bytes: int) -> dict[int, bytes | ImageFailure]:
     out: dict[int, bytes | ImageFailure] = {}
     try:
         with fsspec.open(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
@@ -133,6 +143,9 @@ def _read_tar_members(tar_url: str, members: list[tuple[int, str]]) -> dict[int,
                 info = index.get(name.lstrip("./"))
                 if info is None:
                     out[i] = ImageFailure(RejectReason.IMAGE_UNREADABLE, f"no member {name!r} in {tar_url}")
+                    continue
+                if info.size > max_bytes:
+                    out[i] = _too_large(f"{name} in {tar_url}", info.size, max_bytes)
                     continue
                 extracted = tar.extractfile(info)
                 out[i] = extracted.read() if extracted is not None else ImageFailure(

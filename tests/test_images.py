@@ -265,3 +265,20 @@ def test_tar_members_are_read_with_one_open_per_tar(tmp_path, monkeypatch):
     assert out[2].reason == RejectReason.IMAGE_UNREADABLE and "nope.jpg" in out[2].detail
     assert out[4].reason == RejectReason.IMAGE_UNREADABLE
     assert opened.count(str(tar_path)) == 1
+
+
+def test_oversized_files_and_members_are_refused_before_reading(tmp_path):
+    big, small = tmp_path / "big.jpg", tmp_path / "small.jpg"
+    big.write_bytes(b"x" * 101)
+    small.write_bytes(b"x" * 100)
+    tar_path = tmp_path / "s.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, size in (("big.jpg", 101), ("small.jpg", 100)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(b"y" * size))
+    refs = [str(big), str(small), f"tar://big.jpg::{tar_path}", f"tar://small.jpg::{tar_path}"]
+    out = read_image_refs(refs, max_bytes=100)
+    assert out[1] == b"x" * 100 and out[3] == b"y" * 100
+    for failed in (out[0], out[2]):
+        assert failed.reason == RejectReason.IMAGE_TOO_LARGE and "101 bytes > max_image_bytes 100" in failed.detail
