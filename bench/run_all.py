@@ -1,0 +1,127 @@
+"""Run every benchmark script in bench/ and write bench/RESULTS.md.
+
+Each script prints its figures and, given `--out FILE`, writes them as a flat JSON object. This runner
+calls them one after another (never in parallel: they measure the machine), then records each figure
+with the command that reproduces it, the machine (cores, memory, GPU) and the date.
+
+    python bench/run_all.py                 # all scripts
+    python bench/run_all.py --only regenerate chunk_quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+OUT_DIR = BENCH_DIR / "out"
+
+# Script name -> extra arguments. Order: cheap first, so a partial run still says something.
+SCRIPTS: dict[str, list[str]] = {
+    "text_throughput": [],
+    "chunk_quality": [],
+    "select_throughput": [],
+    "detect_throughput": [],
+    "engine_overhead": [],
+    "regenerate": [],
+    "peak_rss": [],
+    "train_grounding": [],
+}
+
+
+def machine() -> dict[str, str]:
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - a missing torch just means no GPU figure
+        pass
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": str(os.cpu_count()),
+        "memory": f"{mem_gib:.0f} GiB",
+        "gpu": gpu,
+        "python": platform.python_version(),
+    }
+
+
+def run_one(name: str, extra: list[str]) -> dict:
+    script = BENCH_DIR / f"{name}.py"
+    out = OUT_DIR / f"{name}.json"
+    cmd = [sys.executable, str(script.relative_to(REPO)), *extra, "--out", str(out.relative_to(REPO))]
+    print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    sys.stdout.write(proc.stdout[-4000:])
+    figures = json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else {}
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stderr[-4000:])
+    return {
+        "name": name,
+        "command": "python " + " ".join(cmd[1:-2]),
+        "ok": proc.returncode == 0,
+        "seconds": round(seconds, 1),
+        "figures": figures,
+        "error": proc.stderr.strip().splitlines()[-1] if proc.returncode != 0 and proc.stderr.strip() else "",
+    }
+
+
+def write_results(results: list[dict], info: dict[str, str]) -> Path:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `make bench` (`python bench/run_all.py`) on {dt.date.today().isoformat()}.",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+        "",
+    ]
+    for r in results:
+        lines += [f"## {r['name']}", "", f"Command: `{r['command']}` ({r['seconds']} s)", ""]
+        if not r["ok"]:
+            lines += [f"FAILED: {r['error']}", ""]
+            continue
+        lines += ["| figure | value |", "|---|---|"]
+        for k, v in r["figures"].items():
+            lines.append(f"| {k} | {v} |")
+        lines.append("")
+    path = BENCH_DIR / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="run only these scripts (names without .py)")
+    args = parser.parse_args()
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    names = [n for n in SCRIPTS if (BENCH_DIR / f"{n}.py").exists()]
+    if args.only:
+        unknown = set(args.only) - set(names)
+        if unknown:
+            parser.error(f"no such benchmark: {', '.join(sorted(unknown))}")
+        names = [n for n in names if n in args.only]
+    store = BENCH_DIR / "results.json"  # every script's latest figures, so --only updates in place
+    previous = {r["name"]: r for r in json.loads(store.read_text())} if store.exists() else {}
+    fresh = {n: run_one(n, SCRIPTS[n]) for n in names}
+    merged = {**previous, **fresh}
+    results = [merged[n] for n in SCRIPTS if n in merged]
+    store.write_text(json.dumps(results, indent=1) + "\n")
+    path = write_results(results, machine())
+    print(f"wrote {path}")
+    return 0 if all(r["ok"] for r in fresh.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

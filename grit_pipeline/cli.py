@@ -1,0 +1,216 @@
+"""The `grit` command line: `run`, `plan`, `stats`, `validate`, plus the commands other modules register
+(`report`, `inspect`, `train`, `eval`, `synth`, `export`, `download`).
+
+    grit run -c configs/demo.yaml --input data/sample --output runs/demo select.min_score=0.7
+    grit plan -c configs/demo.yaml --input data/sample --output runs/demo
+    grit stats runs/demo
+    grit validate runs/demo
+
+Start-up stays fast: nothing heavy (torch, spaCy, Ray) is imported until a command needs it.
+Exit codes: 0 success, 1 some shards failed or validation found problems, 2 bad config or arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="grit",
+    help="Build GrIT (the grounded image-text corpus of Kosmos-2) from image-caption data on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules that add their own commands through `register(app)`; each is imported only if it exists.
+COMMAND_MODULES = ("grit_pipeline.report.commands", "grit_pipeline.train.commands", "grit_pipeline.download")
+
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config; stage defaults without one.")]
+InputOpt = Annotated[str | None, typer.Option("--input", "-i", help="Source URI (img2dataset folder, Parquet, ...).")]
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Run directory (local path or s3://...).")]
+OverridesArg = Annotated[list[str] | None, typer.Argument(help="Config overrides, e.g. select.min_score=0.7.",
+                                                          show_default=False)]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N source rows.")]
+ShardsOpt = Annotated[str | None, typer.Option("--shards", help="Source shards to process, e.g. 0-9,12.")]
+FromOpt = Annotated[str | None, typer.Option("--from", help="First stage to run (earlier ones must be cached).")]
+ToOpt = Annotated[str | None, typer.Option("--to", help="Last stage to run.")]
+
+
+def _console():
+    from rich.console import Console
+
+    # rich falls back to 80 columns when not on a terminal, which folds the plan table in logs
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _load(config: str | None, overrides: list[str] | None, address: str | None = None,
+          num_cpus: int | None = None, no_progress: bool = False):
+    from grit_pipeline.config import load_config
+
+    extra = list(overrides or [])
+    if address is not None:
+        extra.append(f"run.address={address}")
+    if num_cpus is not None:
+        extra.append(f"run.num_cpus={num_cpus}")
+    if no_progress:
+        extra.append("run.progress=false")
+    return load_config(config, extra)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    output: OutputOpt,
+    overrides: OverridesArg = None,
+    config: ConfigOpt = None,
+    input: InputOpt = None,  # noqa: A002 - the flag is --input
+    limit: LimitOpt = None,
+    shards: ShardsOpt = None,
+    from_stage: FromOpt = None,
+    to_stage: ToOpt = None,
+    address: Annotated[str | None, typer.Option(
+        "--address", help="Ray cluster: auto, ray://host:10001 or host:6379 (default: start local Ray).")] = None,
+    num_cpus: Annotated[int | None, typer.Option("--num-cpus", min=1, help="CPUs of the local Ray.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Run the pipeline: every stage over every pending shard, committing shard by shard."""
+    from grit_pipeline.config import ConfigError
+    from grit_pipeline.engine import PlanError, build_plan, execute, shards_of
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = _load(config, overrides, address, num_cpus, no_progress)
+        plan = build_plan(cfg, input_uri=input, output_uri=output, shards=shards, limit=limit,
+                          from_stage=from_stage, to_stage=to_stage)
+    except (ConfigError, PlanError, ValueError) as e:
+        _fail(str(e))
+    result = execute(plan)
+    console = _console()
+    for outcome in result.stages:
+        console.print(f"{outcome.name:<8} {outcome.fingerprint}  computed {len(outcome.computed)}  "
+                      f"cached {len(outcome.cached)}  failed {len(outcome.failed)}")
+    from grit_pipeline.stats import funnel_table
+
+    console.print(funnel_table(result.summary))
+    console.print(f"final shards: {plan.rundir.url('grit')} ({shards_of(result.final_shards) or 'none'})")
+    if not result.ok:
+        console.print(f"[red]{len(result.failures)} shard(s) failed:[/red]")
+        for f in result.failures:
+            console.print(f"  {f}", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def plan(
+    output: OutputOpt,
+    overrides: OverridesArg = None,
+    config: ConfigOpt = None,
+    input: InputOpt = None,  # noqa: A002
+    limit: LimitOpt = None,
+    shards: ShardsOpt = None,
+    from_stage: FromOpt = None,
+    to_stage: ToOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Dry run: resolved config, stages with resources and fingerprints, cached and pending shards."""
+    from grit_pipeline.config import ConfigError, dump_config
+    from grit_pipeline.engine import PlanError, build_plan, shards_of
+
+    try:
+        cfg = _load(config, overrides)
+        p = build_plan(cfg, input_uri=input, output_uri=output, shards=shards, limit=limit,
+                       from_stage=from_stage, to_stage=to_stage)
+    except (ConfigError, PlanError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps({**p.to_dict(), "config": json.loads(json.dumps(p.config.model_dump(mode="json")))},
+                              indent=2))
+        return
+    from rich.table import Table
+
+    console = _console()
+    console.rule("resolved config")
+    console.print(dump_config(p.config), markup=False, highlight=False)
+    table = Table(title=f"plan: {len(p.shards)} shard(s) of {p.input_uri} -> {p.rundir.uri}")
+    for col in ("stage", "v", "fingerprint", "runs as", "cpus", "gpus", "pool", "batch", "cached", "pending"):
+        table.add_column(col)
+    for s in p.stages:
+        res = s.resources
+        table.add_row(s.name if s.selected else f"({s.name})", str(s.cls.version), s.fingerprint, s.kind,
+                      f"{res.cpus:g}", f"{res.gpus:g}", str(res.pool_size) if res.actor else "-",
+                      str(res.batch_size or "shard"), shards_of(s.cached) or "-", shards_of(s.pending) or "-")
+    console.print(table)
+
+
+@app.command()
+def stats(
+    run_dir: Annotated[str, typer.Argument(help="Run directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the merged stats as JSON.")] = False,
+) -> None:
+    """The merged funnel of a run: rows in/out and rejects by reason per stage."""
+    from grit_pipeline.engine import PlanError, summary_from_run
+    from grit_pipeline.stats import funnel_table
+
+    try:
+        summary = summary_from_run(run_dir)
+    except (PlanError, FileNotFoundError) as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    console = _console()
+    console.print(funnel_table(summary))
+    for stage, s in summary["stages"].items():
+        if s["rejects"]:
+            console.print(f"{stage}: " + ", ".join(f"{k} {v:,}" for k, v in s["rejects"].items()))
+
+
+@app.command()
+def validate(
+    path: Annotated[str, typer.Argument(help="Run directory (checks grit/), a folder of shards or one file.")],
+    encoder: Annotated[str | None, typer.Option(help="Location encoder (unilm|hf); default: the run's.")] = None,
+) -> None:
+    """Check final shards against the GRIT schema and invariants; exit 1 on any problem."""
+    from grit_pipeline.validate import validate_run
+
+    report = validate_run(path, encoder=encoder)
+    for p in report.problems[:200]:
+        typer.echo(str(p), err=True)
+    if not report.files:
+        _fail(f"{path}: no final shards found", 1)
+    status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    typer.echo(f"{len(report.files)} shard(s), {report.rows:,} rows: {status}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _register_commands() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # the parent package is missing
+            found = False
+        if found:
+            importlib.import_module(name).register(app)
+
+
+_register_commands()
+
+
+def main() -> None:  # `python -m grit_pipeline.cli`
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The run directory (DESIGN.md "Run directory"): where every stage's per-shard outputs live and get committed.
+
+    <run>/run.yaml                                  resolved config + fingerprints
+    <run>/stages/<stage>/<fp>/shard-NNNNN.parquet   output rows (key + the columns the stage adds)
+    <run>/stages/<stage>/<fp>/shard-NNNNN.rejects.parquet
+    <run>/stages/<stage>/<fp>/shard-NNNNN.stats.json
+    <run>/stages/<stage>/<fp>/_done/shard-NNNNN     commit marker, written last
+    <run>/grit/shard-NNNNN.parquet                  final GrIT shards (copies of compose output)
+    <run>/report/summary.json                       merged stats
+
+Everything goes through fsspec, so a local path and `s3://bucket/run` behave alike. Every file is first
+written under `<run>/_tmp/` and then moved to its name (a rename on local disk; a server-side copy on
+object stores, where a finished object appears whole). A shard counts only once its `_done` marker
+exists; the marker is written last and records the size and sha256 of each file it commits. A re-run
+deletes what an interrupted one left: `<run>/_tmp/` and shard files without a marker.
+
+One run directory is written by one `grit run` at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Fixed Parquet settings: the same table always gives the same bytes (pyarrow writes no timestamps).
+ROW_GROUP_ROWS = 4096
+PARQUET_OPTIONS: dict[str, Any] = dict(
+    compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True,
+    version="2.6", data_page_size=1 << 20, row_group_size=ROW_GROUP_ROWS,
+)
+_SHARD_NAME = re.compile(r"^shard-(\d+)$")
+_SHARD_FILE = re.compile(r"^shard-(\d+)\.")
+TMP = "_tmp"
+DONE = "_done"
+FINAL = "grit"
+MANIFEST = "_manifest.json"
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **PARQUET_OPTIONS)
+    return sink.getvalue().to_pybytes()
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """What one stage produced for one shard, ready to commit."""
+
+    output: pa.Table
+    rejects: pa.Table
+    stats: Mapping[str, Any]
+
+
+class RunDir:
+    """A run directory on any fsspec filesystem. Pickles as (uri, storage_options) for Ray workers."""
+
+    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None):
+        self.uri = str(uri)
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+        self.root = root.rstrip("/") or "/"
+
+    def __reduce__(self):
+        return (RunDir, (self.uri, self.storage_options))
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.uri!r})"
+
+    # --- paths ---------------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def url(self, *parts: str) -> str:
+        return self.fs.unstrip_protocol(self.path(*parts))
+
+    def stage_dir(self, stage: str, fp: str) -> str:
+        return self.path("stages", stage, fp)
+
+    def shard_path(self, stage: str, fp: str, shard: int, suffix: str = "parquet") -> str:
+        return posixpath.join(self.stage_dir(stage, fp), f"{shard_name(shard)}.{suffix}")
+
+    def marker_path(self, stage: str, fp: str, shard: int) -> str:
+        return posixpath.join(self.stage_dir(stage, fp), DONE, shard_name(shard))
+
+    def final_path(self, shard: int) -> str:
+        return self.path(FINAL, f"{shard_name(shard)}.parquet")
+
+    # --- low-level atomic writes ---------------------------------------------------------------------
+    def _tmp_name(self, path: str) -> str:
+        # One `_tmp/` per run: on local disk it is on the same filesystem as every target (rename works)
+        return self.path(TMP, f"{posixpath.basename(path)}.{uuid.uuid4().hex}")
+
+    def put_atomic(self, path: str, data: bytes) -> None:
+        """Write `data` to `path` so that readers see either nothing or all of it."""
+        tmp = self._tmp_name(path)
+        self.fs.makedirs(self.path(TMP), exist_ok=True)
+        self.fs.pipe_file(tmp, data)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self.fs.mv(tmp, path)
+
+    def copy_atomic(self, src: str, dst: str) -> None:
+        tmp = self._tmp_name(dst)
+        self.fs.makedirs(self.path(TMP), exist_ok=True)
+        self.fs.copy(src, tmp)
+        self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+        self.fs.mv(tmp, dst)
+
+    def clean_tmp(self) -> None:
+        """Remove `_tmp/` (files of writes that never got moved into place)."""
+        tmp = self.path(TMP)
+        if self.fs.exists(tmp):
+            self.fs.rm(tmp, recursive=True)
+        self.fs.invalidate_cache(tmp)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def write_text(self, relpath: str, text: str) -> str:
+        path = self.path(relpath)
+        self.put_atomic(path, text.encode("utf-8"))
+        return path
+
+    def write_json(self, relpath: str, obj: Any) -> str:
+        path = self.path(relpath)
+        self.put_atomic(path, json_bytes(obj))
+        return path
+
+    def read_json(self, relpath: str) -> Any:
+        return json.loads(self.read_bytes(self.path(relpath)))
+
+    def exists(self, relpath: str) -> bool:
+        return self.fs.exists(self.path(relpath))
+
+    def _cat_many(self, paths: Mapping[int, str]) -> dict[int, bytes]:
+        """Read many small files at once (concurrently on object stores), keyed like `paths`."""
+        if not paths:
+            return {}
+        by_path = {self.fs._strip_protocol(p): k for k, p in paths.items()}
+        blobs = self.fs.cat(list(paths.values()))
+        return {by_path[self.fs._strip_protocol(p)]: b for p, b in blobs.items()}
+
+    def _ls_names(self, path: str) -> list[str]:
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in entries)
+
+    # --- stage shards --------------------------------------------------------------------------------
+    def committed(self, stage: str, fp: str) -> set[int]:
+        """Shards of `stage` under fingerprint `fp` whose `_done` marker exists."""
+        self.fs.invalidate_cache(posixpath.join(self.stage_dir(stage, fp), DONE))
+        out = set()
+        for name in self._ls_names(posixpath.join(self.stage_dir(stage, fp), DONE)):
+            m = _SHARD_NAME.match(name)
+            if m:
+                out.add(int(m.group(1)))
+        return out
+
+    def markers(self, stage: str, fp: str, shards: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """The `_done` markers of committed shards (rows, files with sizes and hashes), read concurrently."""
+        shards = list(shards)
+        if not shards:
+            return {}
+        return {s: json.loads(b) for s, b in self._cat_many(
+            {s: self.marker_path(stage, fp, s) for s in shards}).items()}
+
+    def clean_uncommitted(self, stage: str, fp: str) -> list[str]:
+        """Delete every shard file of `stage` without a `_done` marker (what an interrupted run left)."""
+        base = self.stage_dir(stage, fp)
+        removed: list[str] = []
+        if not self.fs.exists(base):
+            return removed
+        self.fs.invalidate_cache(base)
+        done = self.committed(stage, fp)
+        for name in self._ls_names(base):
+            m = _SHARD_FILE.match(name)
+            if m and int(m.group(1)) not in done:
+                path = posixpath.join(base, name)
+                self.fs.rm(path)
+                removed.append(path)
+        return removed
+
+    def commit_shard(self, stage: str, fp: str, shard: int, files: ShardFiles) -> dict[str, Any]:
+        """Write a shard's output, rejects and stats, then its `_done` marker (the commit point)."""
+        blobs = {
+            "parquet": parquet_bytes(files.output),
+            "rejects.parquet": parquet_bytes(files.rejects),
+            "stats.json": json_bytes(dict(files.stats)),
+        }
+        for suffix, data in blobs.items():
+            self.put_atomic(self.shard_path(stage, fp, shard, suffix), data)
+        marker = {
+            "stage": stage,
+            "fingerprint": fp,
+            "shard": shard,
+            "rows": files.output.num_rows,
+            "rejects": files.rejects.num_rows,
+            "files": {f"{shard_name(shard)}.{suffix}": {"size": len(data), "sha256": sha256(data)}
+                      for suffix, data in blobs.items() if suffix != "stats.json"},
+        }
+        self.put_atomic(self.marker_path(stage, fp, shard), json_bytes(marker))
+        return marker
+
+    def read_table(self, stage: str, fp: str, shard: int, suffix: str = "parquet",
+                   columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.shard_path(stage, fp, shard, suffix), filesystem=self.fs, columns=columns)
+
+    def read_schema(self, stage: str, fp: str, shard: int) -> pa.Schema:
+        return pq.read_schema(self.shard_path(stage, fp, shard), filesystem=self.fs)
+
+    def read_stats(self, stage: str, fp: str, shards: Iterable[int]) -> dict[int, dict[str, Any]]:
+        shards = list(shards)
+        if not shards:
+            return {}
+        return {s: json.loads(b) for s, b in self._cat_many(
+            {s: self.shard_path(stage, fp, s, "stats.json") for s in shards}).items()}
+
+    # --- final shards --------------------------------------------------------------------------------
+    def final_shards(self) -> list[int]:
+        out = []
+        for name in self._ls_names(self.path(FINAL)):
+            m = re.match(r"^shard-(\d+)\.parquet$", name)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def publish_final(self, compose_fp: str, shards: Iterable[int], stage: str = "compose",
+                      ) -> tuple[list[int], list[int]]:
+        """Make `grit/` hold exactly the committed shards of the last stage (`compose`) under `compose_fp`.
+
+        A shard is copied when its bytes differ from what `grit/` holds (tracked by sha256 in
+        `grit/_manifest.json`); a final shard with no committed output under `compose_fp` is stale
+        (another config) and is removed. Returns (copied, removed)."""
+        shards = sorted(shards)
+        manifest_path = self.path(FINAL, MANIFEST)
+        manifest: dict[str, str] = {}
+        if self.fs.exists(manifest_path):
+            manifest = json.loads(self.read_bytes(manifest_path)).get("shards", {})
+        markers = self.markers(stage, compose_fp, shards)
+        present = set(self.final_shards())
+        copied: list[int] = []
+        new_manifest: dict[str, str] = {}
+        for shard in shards:
+            digest = markers[shard]["files"][f"{shard_name(shard)}.parquet"]["sha256"]
+            name = shard_name(shard)
+            if manifest.get(name) != digest or shard not in present:
+                self.copy_atomic(self.shard_path(stage, compose_fp, shard), self.final_path(shard))
+                copied.append(shard)
+            new_manifest[name] = digest
+        removed = sorted(present - set(shards))
+        for shard in removed:
+            self.fs.rm(self.final_path(shard))
+        if copied or removed or new_manifest != manifest:
+            self.put_atomic(manifest_path, json_bytes({"compose_fingerprint": compose_fp, "shards": new_manifest}))
+        return copied, removed

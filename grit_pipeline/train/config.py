@@ -1,0 +1,81 @@
+"""The trainer's configuration: one pydantic model, loadable from YAML, overridable with dotted keys
+(`model.dim=256`, `lr=3e-4`) exactly like the pipeline's stage configs."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from grit_pipeline.train.model import ModelConfig
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    # "bpe": byte-level BPE trained on the first `tokenizer_sample_rows` captions of the training shards;
+    # "byte": bytes only, no training. Both add the tag and location tokens.
+    tokenizer: Literal["bpe", "byte"] = "bpe"
+    bpe_vocab_size: int = 2048
+    tokenizer_sample_rows: int = 50_000
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)  # per rank
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    seed: int = 0
+    # Fraction of rows trained on their grounded caption (`<grounding>` + tags); the rest train on the
+    # plain caption, as Kosmos-2 mixes grounded and plain image-text data. The paper does not give the
+    # mixing ratio; 0.5 is this project's default.
+    grounding_fraction: float = Field(0.5, ge=0.0, le=1.0)
+
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    on_missing_image: Literal["skip", "error"] = "skip"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # torch intra-op threads of the training process (None: torch's default, one per core). On a CPU
+    # shared with other jobs use 1: oversubscribed OpenMP threads made steps ~15x slower here.
+    torch_threads: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    time_limit_s: float | None = None  # stop (and checkpoint) early once training has run this long
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, *, defaults: dict | None = None,
+                **fields) -> TrainConfig:
+    """A TrainConfig from `defaults`, then an optional YAML file, then `key=value` overrides (values parsed
+    as YAML), then keyword fields that are not None (the CLI's flags)."""
+    data: dict = json.loads(json.dumps(defaults or {}))  # a deep copy
+    if path:
+        with fsspec.open(path, "r") as f:
+            for key, value in (yaml.safe_load(f) or {}).items():
+                if isinstance(value, dict) and isinstance(data.get(key), dict):
+                    data[key].update(value)
+                else:
+                    data[key] = value
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    for key, value in fields.items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    return TrainConfig.model_validate(data)

@@ -1,0 +1,168 @@
+"""`grit validate`: check every final GrIT shard of a run against the GRIT schema and its invariants.
+
+Per shard: the columns start with `schemas.tables.GRIT_FIELDS` (names and types; non-nullable columns
+hold no nulls), keys are unique across the run. Per row (`schemas.rows.GritRow`): every
+`[start, end, x1, y1, x2, y2, score]` entry has a non-empty span inside the caption, 0 <= x1 < x2 <= 1,
+0 <= y1 < y2 <= 1 and a score in [0, 1]; `noun_chunks` and `ref_exps` align 1:1 and each referring
+expression contains its chunk. Both grounded views parse back (`schemas.grounded_text`) to exactly the
+caption, and each tagged span with its location tokens is a span of `ref_exps` (or of `noun_chunks`)
+with exactly the boxes those entries give under the run's location encoder.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from pydantic import ValidationError
+
+from schemas.grounded_text import parse_grounded_caption, parse_markdown_caption
+from schemas.location import encode_box
+from schemas.rows import GritRow
+from schemas.tables import GRIT_FIELDS
+
+MAX_PROBLEMS_PER_FILE = 50
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}" + (f" key {self.key!r}" if self.key is not None else "")
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    files: list[str] = field(default_factory=list)
+    rows: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.files) and not self.problems
+
+
+def check_schema(schema: pa.Schema, table: pa.Table | None = None, file: str = "") -> list[Problem]:
+    problems = []
+    for i, expected in enumerate(GRIT_FIELDS):
+        if i >= len(schema) or schema.field(i).name != expected.name:
+            got = schema.field(i).name if i < len(schema) else "nothing"
+            problems.append(Problem(file, None, f"column {i} should be {expected.name!r}, found {got!r} "
+                                                "(GRIT columns first, passthrough after)"))
+            return problems
+        if not schema.field(i).type.equals(expected.type):
+            problems.append(Problem(file, None, f"column {expected.name!r} has type {schema.field(i).type}, "
+                                                f"expected {expected.type}"))
+        elif table is not None and not expected.nullable and table[expected.name].null_count:
+            problems.append(Problem(file, None, f"column {expected.name!r} holds "
+                                                f"{table[expected.name].null_count} null(s)"))
+    return problems
+
+
+def _boxes(entries: Iterable[Any], span: tuple[int, int], encoder: str) -> set[tuple[int, int]]:
+    return {encode_box(e[2:6], encoder) for e in entries if (int(e[0]), int(e[1])) == span}
+
+
+def check_row(row: Mapping[str, Any], encoder: str = "unilm") -> list[str]:
+    """What is wrong with one GrIT row (empty list when nothing)."""
+    try:
+        GritRow.model_validate(dict(row))
+    except ValidationError as e:
+        return [f"{'.'.join(str(p) for p in err['loc']) or 'row'}: {err['msg']}" for err in e.errors()]
+    errors = []
+    caption = row["caption"]
+    views = {}
+    for name, parse in (("grounded_caption", parse_grounded_caption), ("markdown_caption", parse_markdown_caption)):
+        try:
+            views[name] = parse(row[name])
+        except ValueError as e:
+            errors.append(f"{name} does not parse: {e}")
+            continue
+        if views[name].caption != caption:
+            errors.append(f"{name} parses to caption {views[name].caption!r}, not {caption!r}")
+    if len(views) == 2 and views["grounded_caption"].spans != views["markdown_caption"].spans:
+        errors.append("grounded_caption and markdown_caption tag different spans or boxes")
+    parsed = views.get("grounded_caption") or views.get("markdown_caption")
+    if parsed is None:
+        return errors
+    if not parsed.spans:
+        errors.append("grounded_caption tags no span")
+    for span in parsed.spans:
+        key = (span.start, span.end)
+        expected = _boxes(row["ref_exps"], key, encoder) or _boxes(row["noun_chunks"], key, encoder)
+        if not expected:
+            errors.append(f"tagged span [{span.start}, {span.end}) {caption[span.start:span.end]!r} is not a "
+                          "span of ref_exps or noun_chunks")
+        elif set(span.boxes) != expected:
+            errors.append(f"tagged span [{span.start}, {span.end}) has boxes {sorted(span.boxes)}, its entries "
+                          f"encode ({encoder}) to {sorted(expected)}")
+        elif not span.boxes:
+            errors.append(f"tagged span [{span.start}, {span.end}) has no box")
+    return errors
+
+
+def validate_table(table: pa.Table, file: str = "", encoder: str = "unilm",
+                   seen_keys: dict[str, str] | None = None) -> list[Problem]:
+    problems = check_schema(table.schema, table, file)
+    if problems:
+        return problems
+    seen = seen_keys if seen_keys is not None else {}
+    columns = [f.name for f in GRIT_FIELDS]
+    for row in table.select(columns).to_pylist():
+        key = row["key"]
+        if key in seen:
+            problems.append(Problem(file, key, f"duplicate key (also in {seen[key]})"))
+        seen[key] = file
+        problems.extend(Problem(file, key, msg) for msg in check_row(row, encoder))
+        if len(problems) >= MAX_PROBLEMS_PER_FILE:
+            problems.append(Problem(file, None, f"stopped after {MAX_PROBLEMS_PER_FILE} problems"))
+            break
+    return problems
+
+
+def run_encoder(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """The location encoder compose used in this run (run.yaml), `unilm` when not recorded."""
+    path = posixpath.join(root, "run.yaml")
+    if not fs.exists(path):
+        return "unilm"
+    with fs.open(path, "rb") as f:
+        cfg = yaml.safe_load(f) or {}
+    return (cfg.get("compose") or {}).get("location_encoder") or "unilm"
+
+
+def validate_run(uri: str, storage_options: Mapping[str, Any] | None = None,
+                 encoder: str | None = None) -> ValidationReport:
+    """Validate `<run>/grit/shard-*.parquet` (or a single Parquet file / folder of them)."""
+    fs, root = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    root = root.rstrip("/")
+    if fs.isfile(root):
+        files, enc_root = [root], posixpath.dirname(root)
+    else:
+        folder = posixpath.join(root, "grit") if fs.isdir(posixpath.join(root, "grit")) else root
+        files = sorted(p for p in fs.ls(folder, detail=False) if posixpath.basename(p).startswith("shard-")
+                       and p.endswith(".parquet"))
+        enc_root = root
+    encoder = encoder or run_encoder(fs, enc_root)
+    report = ValidationReport()
+    seen: dict[str, str] = {}
+    for path in files:
+        name = fs.unstrip_protocol(path) if "://" in uri else path
+        try:
+            table = pq.read_table(path, filesystem=fs)
+        except (OSError, pa.ArrowInvalid) as e:
+            report.problems.append(Problem(name, None, f"unreadable Parquet: {e}"))
+            continue
+        report.files.append(name)
+        report.rows += table.num_rows
+        report.problems.extend(validate_table(table, name, encoder, seen))
+    return report

@@ -1,0 +1,121 @@
+"""The run directory: atomic per-shard commits with `_done` markers, cleanup of what a crash left,
+byte-deterministic Parquet, and the final `grit/` shards (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from grit_pipeline.rundir import RunDir, ShardFiles, parquet_bytes, sha256
+from schemas.tables import GRIT_SCHEMA, REJECT_SCHEMA, SELECT_SCHEMA
+
+
+def _pairs(keys: list[str]) -> pa.Table:
+    pairs = [[{"chunk": 0, "x1": 0.1, "y1": 0.2, "x2": 0.5, "y2": 0.6, "score": 0.9}] for _ in keys]
+    return pa.Table.from_pydict({"key": keys, "pairs": pairs}, schema=SELECT_SCHEMA)
+
+
+def _rejects(keys: list[str]) -> pa.Table:
+    return pa.Table.from_pydict({"key": keys, "stage": ["select"] * len(keys), "reason": ["no_box"] * len(keys),
+                                 "detail": [""] * len(keys)}, schema=REJECT_SCHEMA)
+
+
+def _files(keys, rejected=()) -> ShardFiles:
+    return ShardFiles(_pairs(list(keys)), _rejects(list(rejected)),
+                      {"rows_in": len(keys) + len(rejected), "rows_out": len(keys)})
+
+
+def test_commit_writes_files_then_marker(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    marker = run.commit_shard("select", "fp1", 7, _files(["a", "b"], ["c"]))
+    base = tmp_path / "run" / "stages" / "select" / "fp1"
+    assert sorted(p.name for p in base.iterdir()) == [
+        "_done", "shard-00007.parquet", "shard-00007.rejects.parquet", "shard-00007.stats.json"]
+    assert run.committed("select", "fp1") == {7}
+    assert run.markers("select", "fp1", [7])[7] == marker
+    data = (base / "shard-00007.parquet").read_bytes()
+    assert marker["files"]["shard-00007.parquet"] == {"size": len(data), "sha256": sha256(data)}
+    assert marker["rows"] == 2 and marker["rejects"] == 1
+    assert run.read_table("select", "fp1", 7)["key"].to_pylist() == ["a", "b"]
+    assert not os.listdir(tmp_path / "run" / "_tmp")  # every temporary file was moved into place
+
+
+def test_clean_uncommitted_removes_only_unmarked_shards(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    run.commit_shard("select", "fp1", 0, _files(["a"]))
+    base = tmp_path / "run" / "stages" / "select" / "fp1"
+    committed = {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.is_file()}
+    # what a crash between writing files and the marker leaves behind
+    run.put_atomic(run.shard_path("select", "fp1", 1), parquet_bytes(_pairs(["x"])))
+    run.put_atomic(run.shard_path("select", "fp1", 1, "stats.json"), b"{}")
+    (tmp_path / "run" / "_tmp" / "shard-00002.parquet.123").write_bytes(b"half")
+    assert run.committed("select", "fp1") == {0}
+
+    removed = run.clean_uncommitted("select", "fp1")
+    run.clean_tmp()
+    assert sorted(os.path.basename(p) for p in removed) == ["shard-00001.parquet", "shard-00001.stats.json"]
+    assert {p.name: p.stat().st_mtime_ns for p in base.iterdir() if p.is_file()} == committed
+    assert not (tmp_path / "run" / "_tmp").exists()
+
+
+def test_parquet_bytes_are_deterministic_across_processes(tmp_path):
+    table = _pairs(["k1", "k2", "k3"])
+    here = parquet_bytes(table)
+    assert parquet_bytes(_pairs(["k1", "k2", "k3"])) == here
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_engine_rundir import _pairs; "
+            "from grit_pipeline.rundir import parquet_bytes; "
+            "sys.stdout.buffer.write(parquet_bytes(_pairs(['k1', 'k2', 'k3'])))")
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
+                           cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    assert there == here
+    assert pq.read_table(pa.BufferReader(here)).equals(table)
+
+
+def test_publish_final_copies_skips_unchanged_and_removes_stale(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    empty = GRIT_SCHEMA.empty_table()
+    row = pa.Table.from_pylist([{"key": "a", "url": None, "caption": "a dog", "width": 4, "height": 4,
+                                 "noun_chunks": [[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]],
+                                 "ref_exps": [[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]],
+                                 "grounded_caption": "g", "markdown_caption": "m"}], schema=GRIT_SCHEMA)
+    for shard, table in ((0, row), (1, empty)):
+        run.commit_shard("compose", "fpA", shard, ShardFiles(table, _rejects([]), {}))
+    copied, removed = run.publish_final("fpA", [0, 1])
+    assert (copied, removed) == ([0, 1], [])
+    final = tmp_path / "run" / "grit" / "shard-00000.parquet"
+    assert final.read_bytes() == (tmp_path / "run/stages/compose/fpA/shard-00000.parquet").read_bytes()
+    mtime = final.stat().st_mtime_ns
+    assert run.publish_final("fpA", [0, 1]) == ([], [])  # same bytes: nothing rewritten
+    assert final.stat().st_mtime_ns == mtime
+    # a new config committed only shard 0: shard 1's final file is stale
+    run.commit_shard("compose", "fpB", 0, ShardFiles(empty, _rejects([]), {}))
+    assert run.publish_final("fpB", [0]) == ([0], [1])
+    assert run.final_shards() == [0]
+    manifest = json.loads((tmp_path / "run" / "grit" / "_manifest.json").read_text())
+    assert manifest["compose_fingerprint"] == "fpB" and list(manifest["shards"]) == ["shard-00000"]
+
+
+def test_object_store_semantics_on_memory_fs():
+    run = RunDir("memory://grit-test-run")
+    try:
+        run.commit_shard("select", "fp", 3, _files(["a"], ["b"]))
+        assert run.committed("select", "fp") == {3}
+        assert run.read_table("select", "fp", 3)["key"].to_pylist() == ["a"]
+        run.put_atomic(run.shard_path("select", "fp", 4), b"partial")
+        assert run.clean_uncommitted("select", "fp") == [run.shard_path("select", "fp", 4)]
+    finally:
+        run.fs.rm(run.root, recursive=True)
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "rejects.parquet"])
+def test_committed_files_match_their_marker(tmp_path, suffix):
+    run = RunDir(str(tmp_path))
+    marker = run.commit_shard("select", "fp", 0, _files(["a", "b"], ["c"]))
+    data = run.read_bytes(run.shard_path("select", "fp", 0, suffix))
+    assert marker["files"][f"shard-00000.{suffix}"]["sha256"] == sha256(data)
