@@ -76,6 +76,12 @@ SMALL_BATCHES = ["run.resources.chunks.batch_size=7", "run.resources.detect.batc
 
 
 @pytest.fixture(scope="session")
+def small_batches() -> list[str]:
+    # A fixture, not an import: `from conftest import ...` picks whichever conftest module loaded first.
+    return list(SMALL_BATCHES)
+
+
+@pytest.fixture(scope="session")
 def pipeline_run(ray_local, synthetic_input, replay_overrides, tmp_path_factory):
     """One full run of the real stages over `synthetic_input` on the session Ray: (RunResult, run dir)."""
     from grit_pipeline.api import run_pipeline

@@ -174,11 +174,12 @@ def test_new_select_threshold_reruns_select_and_compose_only(pipeline_run, synth
 
 
 @pytest.mark.slow
-def test_sigkill_of_the_driver_then_rerun_resumes(pipeline_run, synthetic_input, replay_overrides, tmp_path):
+def test_sigkill_of_the_driver_then_rerun_resumes(pipeline_run, synthetic_input, replay_overrides, small_batches,
+                                                  tmp_path):
     _, baseline = pipeline_run
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "grit_pipeline.cli", "run", "--input", str(synthetic_input.root),
-           "--output", str(run), "--num-cpus", "2", "--no-progress", *replay_overrides, *_small_batches()]
+           "--output", str(run), "--num-cpus", "2", "--no-progress", *replay_overrides, *small_batches]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -211,11 +212,6 @@ def test_sigkill_of_the_driver_then_rerun_resumes(pipeline_run, synthetic_input,
     base_keys = pa.concat_tables([pq.read_table(p) for p in sorted((baseline / "grit").glob("*.parquet"))])["key"]
     assert len(keys) == len(pc.unique(keys)) and sorted(keys.to_pylist()) == sorted(base_keys.to_pylist())
 
-
-def _small_batches() -> list[str]:
-    from conftest import SMALL_BATCHES
-
-    return SMALL_BATCHES
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
