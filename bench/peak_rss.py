@@ -1,6 +1,6 @@
 """Peak memory of a whole run for 20k vs 200k rows: the engine streams shards, so it should stay flat.
 
-Each size runs `grit run` (replay detector, local Ray) in a fresh subprocess; every 0.2 s this script
+Each size runs `grit run` (replay detector, local Ray) in a fresh subprocess; every 0.5 s this script
 reads /proc for the driver and all of its descendants (Ray's GCS, raylet and workers start under it).
 Reported per size: the driver's peak RSS and the peak of the process tree's summed PSS (proportional set
 size, so pages shared between Ray processes, such as the object store, are not counted twice).
@@ -61,7 +61,7 @@ def _kib(pid: int, path: str, field: str) -> int:
 
 
 class Sampler(threading.Thread):
-    def __init__(self, pid: int, every: float = 0.2):
+    def __init__(self, pid: int, every: float = 0.5):
         super().__init__(daemon=True)
         self.pid, self.every = pid, every
         self.driver_rss_kib = self.tree_pss_kib = self.processes = 0

@@ -47,7 +47,8 @@ BENCH_CONFIG = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default=None, help="Where shards and checkpoints go (default: a temp dir).")
+    ap.add_argument("--workdir", default=None, help="Where shards and checkpoints go and stay (default: a temp "
+                    "dir, deleted at the end). Existing shards there are reused.")
     ap.add_argument("--minutes", type=float, default=10.0, help="Wall-clock training budget.")
     ap.add_argument("--steps", type=int, default=1200, help="Schedule length (training stops earlier at --minutes).")
     ap.add_argument("--train-shards", type=int, default=16)
@@ -57,8 +58,14 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="Write the figures here as JSON.")
     ap.add_argument("overrides", nargs="*", help="TrainConfig overrides, key=value.")
     args = ap.parse_args()
+    if args.workdir:
+        run(args, Path(args.workdir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="grit-train-bench-") as tmp:
+            run(args, Path(tmp))
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="grit-train-bench-"))
+
+def run(args: argparse.Namespace, work: Path) -> None:
     train_dir, heldout_dir, run_dir = work / "train", work / "heldout", work / "run"
     if not train_dir.exists():
         write_synth(str(train_dir), SynthConfig(shards=args.train_shards, rows_per_shard=args.rows_per_shard, seed=0,
@@ -74,23 +81,37 @@ def main() -> None:
     train_seconds = time.monotonic() - started
     figures = evaluate(str(run_dir), str(heldout_dir), device="cpu", torch_threads=config.torch_threads)
 
-    result = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    saved = json.loads(Path(figures["checkpoint"].removeprefix("file://"), "config.json").read_text())
+    m = saved["model"]
+    result = {  # flat, as bench/run_all.py tabulates it
+        "grounding_accuracy": round(figures["grounding_accuracy"], 4),
+        "baseline_train_mean_box_accuracy": round(figures["baseline_train_mean_box_accuracy"], 4),
+        "baseline_heldout_mean_box_accuracy": round(figures["baseline_eval_mean_box_accuracy"], 4),
+        "mean_iou": round(figures["mean_iou"], 4),
+        "location_ce": round(figures["location_ce"], 4),
+        "location_ce_uniform": round(figures["location_ce_uniform"], 4),
+        "heldout_rows": figures["rows"],
+        "heldout_phrases": figures["phrases"],
         "train_steps": summary["steps"],
         "schedule_steps": config.steps,
         "train_seconds": round(train_seconds, 1),
+        "final_train_loss": round(summary["last_loss"], 4),
         "parameters": summary["parameters"],
-        "final_train_loss": summary["last_loss"],
+        "model": f"{m['image_size']} px, patch {m['patch_size']}, dim {m['dim']}, {m['vision_layers']} vision + "
+                 f"{m['layers']} decoder layers, vocab {m['vocab_size']}",
+        "batch_size": config.batch_size,
+        "train_rows": args.train_shards * args.rows_per_shard,
+        "max_objects": args.max_objects,
+        "torch_threads": config.torch_threads,
         "cpu_count": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0],
-        "config": json.loads(Path(figures["checkpoint"].removeprefix("file://"), "config.json").read_text()),
-        "eval": figures,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "command": " ".join(["bench/train_grounding.py", *sys.argv[1:]]),
     }
     print(f"trained {summary['steps']} steps in {train_seconds:.0f} s ({summary['parameters']:,} parameters)")
     print(f"held-out phrases: {figures['phrases']} in {figures['rows']} rows")
-    print(f"grounding accuracy (IoU > 0.5): model {figures['grounding_accuracy']:.3f}   "
-          f"mean training box {figures.get('baseline_train_mean_box_accuracy', float('nan')):.3f}   "
-          f"mean held-out box {figures.get('baseline_eval_mean_box_accuracy', float('nan')):.3f}")
+    print(f"grounding accuracy (IoU > 0.5): model {result['grounding_accuracy']:.3f}   "
+          f"mean training box {result['baseline_train_mean_box_accuracy']:.3f}   "
+          f"mean held-out box {result['baseline_heldout_mean_box_accuracy']:.3f}")
     print(f"mean IoU {figures['mean_iou']:.3f}; location-token cross-entropy {figures['location_ce']:.3f} "
           f"(uniform {figures['location_ce_uniform']:.3f})")
     if args.out:

@@ -95,7 +95,12 @@ def run(
                           from_stage=from_stage, to_stage=to_stage)
     except (ConfigError, PlanError, ValueError) as e:
         _fail(str(e))
-    result = execute(plan)
+    try:
+        result = execute(plan)
+    except PlanError as e:
+        _fail(str(e))
+    except OSError as e:  # the run directory itself cannot be written
+        _fail(f"cannot write the run directory {output}: {e}", 1)
     console = _console()
     for outcome in result.stages:
         console.print(f"{outcome.name:<8} {outcome.fingerprint}  computed {len(outcome.computed)}  "

@@ -344,6 +344,13 @@ def execute(plan: RunPlan, *, progress: bool | None = None) -> RunResult:
     failures: dict[int, ShardFailure] = {}
     outcomes: list[StageOutcome] = []
     try:
+        cluster = ray_exec.cluster_resources()
+        for sp in plan.stages:  # a stage that cannot be placed (GPUs missing) stops the run before it starts
+            if sp.selected and (sp.pending or not sp.cached):
+                try:
+                    ray_exec.fit_resources(_runtime(plan, sp), cluster, run.loader_cpus, warn=False)
+                except RuntimeError as e:
+                    raise PlanError(str(e)) from None
         for sp in plan.stages:
             if sp.selected:
                 outcomes.append(_run_stage(plan, sp, failures, progress))
@@ -429,6 +436,8 @@ def _run_stage(plan: RunPlan, sp: StagePlan, failures: dict[int, ShardFailure], 
                     rows_done += complete.total
                 except ValueError as e:  # stats that do not balance
                     fail(shard, f"stage {sp.name!r}: {e}")
+                except OSError as e:  # the run directory refused a write: nothing of this shard is committed
+                    fail(shard, f"stage {sp.name!r}: cannot write shard {shard} under {rundir.uri}: {e}")
                 bar.update(1)
                 bar.set_postfix(rows=rows_done, refresh=False)
     except Exception as e:  # noqa: BLE001 - Ray Data aborted the stage: what committed stays committed

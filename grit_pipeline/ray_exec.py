@@ -21,6 +21,7 @@ import fnmatch
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from grit_pipeline.workers import (
@@ -70,24 +71,45 @@ def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def fit_pool_size(rt: StageRuntime, resources: dict[str, float], loader_cpus: float) -> int:
-    """The actor pool size, shrunk to what the cluster can hold next to one loader task."""
+@dataclass(frozen=True)
+class Placement:
+    """CPUs (and pool size) one stage's operators request, fitted to the cluster."""
+
+    pool: int  # actors in the pool (0: the stage runs as tasks)
+    stage_cpus: float  # per actor, or per task of a task stage
+    loader_cpus: float  # per input-loading task
+    prepare_cpus: float  # per prepare task
+
+
+def fit_resources(rt: StageRuntime, cluster: dict[str, float], loader_cpus: float,
+                  warn: bool = True) -> Placement:
+    """Fit a stage's requests to the cluster so that they can all make progress.
+
+    An actor pool holds its CPUs for the whole stage while its loader and prepare tasks need CPUs of
+    their own; if the pool took everything the stage would wait forever. So up to one CPU (half the
+    cluster on a tiny one) stays free for those tasks and the pool gets the rest: fewer actors than
+    asked, or, on a one-CPU machine, a fractional CPU per actor."""
     res = rt.resources
-    size = res.pool_size
-    cpus = resources.get("CPU", 0.0)
-    if res.cpus > 0:
-        size = min(size, max(1, int((cpus - loader_cpus) // res.cpus)))
+    total = cluster.get("CPU", 0.0)
+    side = min(1.0, total / 2)
+    if not res.actor:
+        return Placement(0, min(res.cpus, total) if total else res.cpus, min(loader_cpus, max(side, 0.1)),
+                         min(1.0, total) if total else 1.0)
+    pool = res.pool_size
+    if res.cpus > 0 and total > 0:
+        pool = min(pool, max(1, int((total - side) // res.cpus)))
     if res.gpus > 0:
-        gpus = resources.get("GPU", 0.0)
+        gpus = cluster.get("GPU", 0.0)
         if gpus < res.gpus:
             raise RuntimeError(f"stage {rt.name!r} needs {res.gpus:g} GPU per actor but the Ray cluster has "
                                f"{gpus:g}; run on a GPU cluster (--address) or set run.resources.{rt.name}.gpus=0 "
                                "with a CPU device in the stage config")
-        size = min(size, max(1, int(gpus // res.gpus)))
-    if size < res.pool_size:
-        log.warning("stage %s: actor pool of %d does not fit the cluster (%s); using %d",
-                    rt.name, res.pool_size, resources, size)
-    return size
+        pool = min(pool, max(1, int(gpus // res.gpus)))
+    stage_cpus = min(res.cpus, (total - side) / pool) if total > 0 else res.cpus
+    if warn and (pool < res.pool_size or stage_cpus < res.cpus):
+        log.warning("stage %s: %d actor(s) x %g CPU do not fit the cluster (%g CPUs) next to the loading "
+                    "tasks; using %d x %g", rt.name, res.pool_size, res.cpus, total, pool, stage_cpus)
+    return Placement(pool, stage_cpus, min(loader_cpus, side), side)
 
 
 def stream_stage(rt: StageRuntime, shards: Sequence[int], *, batch_size: int | None, loader_cpus: float,
@@ -100,36 +122,36 @@ def stream_stage(rt: StageRuntime, shards: Sequence[int], *, batch_size: int | N
     ctx.enable_progress_bars = progress
     ctx.execution_options.preserve_order = False
     res = rt.resources
+    fit = fit_resources(rt, cluster_resources(), loader_cpus)
     # Lost workers are retried by Ray Data's defaults (tasks retried; actors restarted, calls retried).
-    if res.actor:
-        pool = fit_pool_size(rt, cluster_resources(), loader_cpus)
-        actor_compute = ray.data.ActorPoolStrategy(size=pool)
+    actor_compute = ray.data.ActorPoolStrategy(size=fit.pool) if res.actor else None
 
     ds = ray.data.from_items([{"shard": int(s)} for s in shards], override_num_blocks=max(1, len(shards)))
     if batch_size is None:
         if res.actor:
             ds = ds.map_batches(ShardActor, fn_constructor_kwargs={"rt": rt}, batch_size=1,
-                                batch_format="pyarrow", compute=actor_compute, num_cpus=res.cpus,
+                                batch_format="pyarrow", compute=actor_compute, num_cpus=fit.stage_cpus,
                                 num_gpus=res.gpus)
         else:
             ds = ds.map_batches(run_shards, fn_kwargs={"rt": rt}, batch_size=1, batch_format="pyarrow",
-                                num_cpus=res.cpus, num_gpus=res.gpus)
+                                num_cpus=fit.stage_cpus, num_gpus=res.gpus)
     else:
         block_rows = max(batch_size, LOADER_BLOCK_ROWS)
         ds = ds.map_batches(load_rows, fn_kwargs={"rt": rt, "block_rows": block_rows}, batch_size=1,
-                            batch_format="pyarrow", num_cpus=loader_cpus)
+                            batch_format="pyarrow", num_cpus=fit.loader_cpus)
         if rt.has_prepare:
             # CPU tasks ahead of the actors, with memory reserved for the decoded pixels. The memory
             # request also keeps Ray Data from fusing this step into the actor pool (it fuses task->actor
             # maps whose remote args match), which would put the decoding back on the GPU workers.
             ds = ds.map_batches(prepare_rows, fn_kwargs={"rt": rt}, batch_size=batch_size,
-                                batch_format="pyarrow", num_cpus=1, memory=prepare_memory_mb * 2**20)
+                                batch_format="pyarrow", num_cpus=fit.prepare_cpus,
+                                memory=prepare_memory_mb * 2**20)
         if res.actor:
             ds = ds.map_batches(ProcessActor, fn_constructor_kwargs={"rt": rt}, batch_size=batch_size,
-                                batch_format="pyarrow", compute=actor_compute, num_cpus=res.cpus,
+                                batch_format="pyarrow", compute=actor_compute, num_cpus=fit.stage_cpus,
                                 num_gpus=res.gpus)
         else:
             ds = ds.map_batches(process_rows, fn_kwargs={"rt": rt}, batch_size=batch_size,
-                                batch_format="pyarrow", num_cpus=res.cpus, num_gpus=res.gpus)
+                                batch_format="pyarrow", num_cpus=fit.stage_cpus, num_gpus=res.gpus)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch.to_pylist()

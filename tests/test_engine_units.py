@@ -20,7 +20,7 @@ from grit_pipeline.workers import (
     tag_rows,
 )
 from schemas.tables import INGEST_SCHEMA
-from stages.base import Stage, StageConfig, StageResult
+from stages.base import Resources, Stage, StageConfig, StageResult
 
 UPPER_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("upper", pa.string())])
 
@@ -199,3 +199,31 @@ def test_stats_balance_and_funnel():
     assert summary["stages"]["b"]["rejects"] == {"r1": 2, "r2": 6}
     assert [f["rows_out"] for f in summary["funnel"]] == [16, 8]
     assert summary["funnel"][1]["kept_of_input"] == 0.4
+
+
+@pytest.mark.parametrize("cluster, asked, expected", [
+    ({"CPU": 2}, Resources(cpus=1, actor=True, pool_size=1), (1, 1.0, 0.5, 1.0)),
+    ({"CPU": 2}, Resources(cpus=1, actor=True, pool_size=4), (1, 1.0, 0.5, 1.0)),  # pool shrinks
+    ({"CPU": 1}, Resources(cpus=1, actor=True, pool_size=1), (1, 0.5, 0.5, 0.5)),  # one-CPU machine
+    ({"CPU": 16, "GPU": 2}, Resources(cpus=1, gpus=1, actor=True, pool_size=4), (2, 1.0, 0.5, 1.0)),
+    ({"CPU": 16}, Resources(cpus=1), (0, 1.0, 0.5, 1.0)),  # tasks
+])
+def test_actor_pools_leave_room_for_their_loading_tasks(tmp_path, cluster, asked, expected):
+    from grit_pipeline.ray_exec import fit_resources
+
+    rt = _rt(tmp_path)
+    rt.resources = asked
+    fit = fit_resources(rt, cluster, loader_cpus=0.5)
+    assert (fit.pool, fit.stage_cpus, fit.loader_cpus, fit.prepare_cpus) == expected
+    # what the pool holds plus one loading task always fits
+    if asked.actor:
+        assert fit.pool * fit.stage_cpus + max(fit.loader_cpus, fit.prepare_cpus) <= cluster["CPU"]
+
+
+def test_a_gpu_stage_on_a_cluster_without_gpus_is_a_clear_error(tmp_path):
+    from grit_pipeline.ray_exec import fit_resources
+
+    rt = _rt(tmp_path)
+    rt.resources = Resources(cpus=1, gpus=1, actor=True)
+    with pytest.raises(RuntimeError, match="needs 1 GPU per actor but the Ray cluster has 0"):
+        fit_resources(rt, {"CPU": 8}, loader_cpus=0.5)

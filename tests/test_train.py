@@ -77,6 +77,10 @@ def test_checkpoint_files_latest_and_pruning(data, tmp_path):
         assert torch.equal(weights[name], value)
     assert state.box_count > 0 and all(0 <= v <= 1 for v in state.mean_box())
     assert resolve_checkpoint(str(tmp_path / "empty")) is None
+    # starting again from scratch in the same folder replaces the old run instead of mixing with it
+    train(shards, str(out), tiny_config(steps=3, checkpoint_every=2), progress=False, resume=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
 
 
 def test_training_reduces_loss(data, tmp_path):

@@ -43,18 +43,20 @@ def train_command(
     grounding_fraction: Optional[float] = typer.Option(None, help="Rows trained on grounded captions."),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers per rank."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 on a shared machine)."),
     time_limit: Optional[float] = typer.Option(None, help="Stop and checkpoint after this many seconds."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Start from scratch even if OUT has a checkpoint."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. model.dim=256"),
 ) -> None:
-    """Train the tiny Kosmos-2-style grounded LM on GrIT shards (several GPUs: run under torchrun)."""
+    """Train the tiny Kosmos-2-style grounded LM on GrIT shards. Several GPUs or processes:
+    `torchrun --nproc_per_node N .venv/bin/grit train ...` (DDP; NCCL on GPUs, gloo on CPUs)."""
     from grit_pipeline.train.config import load_config
     from grit_pipeline.train.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(config, overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                       grounding_fraction=grounding_fraction, num_workers=workers, device=device,
-                      time_limit_s=time_limit)
+                      torch_threads=threads, time_limit_s=time_limit)
     result = train(shards, out, cfg, resume=not no_resume)
     losses = result.pop("losses")
     result["first_loss"] = losses[0] if losses else None

@@ -25,9 +25,9 @@ class TrainConfig(BaseModel):
 
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1)  # per rank
-    lr: float = 1e-3
+    lr: float = 3e-3  # right for the small default model; lower it for larger ones
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0

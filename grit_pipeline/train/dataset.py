@@ -125,7 +125,6 @@ class GritStreamingDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         on_missing_image: str = "skip",
-        decode_images: bool = True,
     ):
         if on_missing_image not in ("skip", "error"):
             raise ValueError("on_missing_image must be 'skip' or 'error'")
@@ -145,7 +144,6 @@ class GritStreamingDataset(IterableDataset):
         self.grounding_fraction = grounding_fraction
         self.rank, self.world_size = rank, world_size
         self.on_missing_image = on_missing_image
-        self.decode_images = decode_images
         self.epoch = 0
         self.skipped = 0
 
@@ -184,17 +182,14 @@ class GritStreamingDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         for shard, row in self._shuffled():
             key = row["key"]
-            if self.decode_images:
-                try:
-                    pixels = decode_image(read_image_bytes(row, shard), self.image_size)
-                except (ImageUnavailable, OSError, ValueError) as e:
-                    if self.on_missing_image == "error":
-                        raise ImageUnavailable(f"{shard}: key {key!r}: {e}") from e
-                    self.skipped += 1
-                    log.warning("skipping row: %s", e)
-                    continue
-            else:
-                pixels = torch.zeros(3, self.image_size, self.image_size)
+            try:
+                pixels = decode_image(read_image_bytes(row, shard), self.image_size)
+            except (ImageUnavailable, OSError, ValueError) as e:
+                if self.on_missing_image == "error":
+                    raise ImageUnavailable(f"{shard}: key {key!r}: {e}") from e
+                self.skipped += 1
+                log.warning("skipping row: %s", e)
+                continue
             grounded = bool(row.get("grounded_caption")) and is_grounded(key, self.seed, self.grounding_fraction)
             text = row["grounded_caption"] if grounded else row["caption"]
             ids, labels = build_sequence(self.tokenizer, text, self.layout)

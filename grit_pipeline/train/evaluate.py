@@ -80,7 +80,8 @@ def row_phrases(tok: GroundedTokenizer, layout: SequenceLayout, row: dict, index
 
 
 def _rows(shards: list[str], tok: GroundedTokenizer, layout: SequenceLayout, image_size: int,
-          max_rows: int | None) -> Iterator[EvalRow]:
+          max_rows: int | None, missing: list[str]) -> Iterator[EvalRow]:
+    """Evaluation rows in shard order; keys of rows whose image cannot be read are appended to `missing`."""
     n = 0
     for shard in shards:
         for row in iter_rows(shard, EVAL_COLUMNS):
@@ -91,6 +92,7 @@ def _rows(shards: list[str], tok: GroundedTokenizer, layout: SequenceLayout, ima
             try:
                 pixels = decode_image(read_image_bytes(row, shard), image_size)
             except (ImageUnavailable, OSError, ValueError):
+                missing.append(row["key"])
                 continue
             ids, labels, phrases = row_phrases(tok, layout, row, n)
             yield EvalRow(row["key"], pixels, ids, labels, phrases)
@@ -139,7 +141,8 @@ def evaluate(ckpt: str, shards: str | list[str], *, batch_size: int = 64, max_ro
     dev = pick_device(device)
     model.to(dev).eval()
     layout = SequenceLayout(config.model.num_image_tokens, config.model.max_text_tokens)
-    rows = list(_rows(list_shards(shards), tok, layout, config.model.image_size, max_rows))
+    missing: list[str] = []
+    rows = list(_rows(list_shards(shards), tok, layout, config.model.image_size, max_rows, missing))
     phrases = [p for r in rows for p in r.phrases]
     preds: list[Box] = []
     loc_nll, loc_count = 0.0, 0
@@ -168,6 +171,7 @@ def evaluate(ckpt: str, shards: str | list[str], *, batch_size: int = 64, max_ro
         "checkpoint": ckpt_dir,
         "train_step": state.step,
         "rows": len(rows),
+        "rows_without_image": len(missing),
         "phrases": len(phrases),
         "grounding_accuracy": acc,
         "mean_iou": miou,

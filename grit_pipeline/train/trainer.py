@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from grit_pipeline.train import vocab
 from grit_pipeline.train.checkpoint import (
+    LATEST,
     TrainerState,
     load_checkpoint,
     load_optimizer_state,
@@ -185,6 +186,17 @@ def _rewrite_metrics(out: str, upto_step: int) -> None:
         f.writelines(kept)
 
 
+def _clear_previous_run(out: str) -> None:
+    """Starting from scratch in a folder that holds an earlier run (`resume=False`): remove its
+    checkpoints and metrics, so they are not mixed with this run's."""
+    fs, root = fsspec.core.url_to_fs(out)
+    stale = [p for p in (f"{root}/{LATEST}", f"{root}/metrics.jsonl", f"{root}/checkpoints") if fs.exists(p)]
+    if stale:
+        log.warning("starting from scratch: removing the previous run's %s", ", ".join(stale))
+    for p in stale:
+        fs.rm(p, recursive=True)
+
+
 def train(shards: str | list[str], out: str, config: TrainConfig, *, resume: bool = True,
           progress: bool = True, stop_at: int | None = None) -> dict:
     """Train (or resume training) on `shards`, writing checkpoints and metrics under `out`. `stop_at`
@@ -201,6 +213,7 @@ def train(shards: str | list[str], out: str, config: TrainConfig, *, resume: boo
 
 def _train(shards, out: str, config: TrainConfig, ctx: DistContext, resume: bool, progress: bool,
            stop_at: int | None) -> dict:
+    started = time.monotonic()  # the time limit covers setup (tokenizer, model) and any resume fast-forward
     device = pick_device(config.device, ctx.local_rank)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
@@ -215,6 +228,8 @@ def _train(shards, out: str, config: TrainConfig, ctx: DistContext, resume: bool
             log.warning("resuming %s: keeping the checkpoint's model config, not the one given", ckpt)
         config = config.model_copy(update={"model": saved.model, "tokenizer": saved.tokenizer})
     else:
+        if ctx.is_main:
+            _clear_previous_run(out)
         tokenizer = build_tokenizer(config, shard_list)
         config = config.model_copy(update={"model": config.model.model_copy(
             update={"vocab_size": tokenizer.vocab_size})})
@@ -253,7 +268,6 @@ def _train(shards, out: str, config: TrainConfig, ctx: DistContext, resume: bool
         fs.makedirs(root, exist_ok=True)
     f = fsspec.open(f"{out}/metrics.jsonl", "a").open() if ctx.is_main else None
     losses: list[float] = []
-    started = time.monotonic()
     bar = tqdm(total=config.steps, initial=state.step, desc="train", disable=not (progress and ctx.is_main))
     try:
         last = min(config.steps, stop_at) if stop_at is not None else config.steps
