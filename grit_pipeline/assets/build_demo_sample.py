@@ -37,6 +37,8 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image, ImageDraw
 
+from stages.detectors.replay import REPLAY_SCHEMA
+
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 ANNOTATIONS = DEMO_DIR / "annotations.yaml"
 SHARDS_DIR = "shards"
@@ -60,17 +62,9 @@ METADATA_SCHEMA = pa.schema([
     pa.field("exif", pa.string()),
     pa.field("sha256", pa.string()),
 ])
-# The replay file columns we fill (a subset of stages.detectors.replay.REPLAY_SCHEMA).
-DETECTIONS_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("x1", pa.float64(), nullable=False),
-    pa.field("y1", pa.float64(), nullable=False),
-    pa.field("x2", pa.float64(), nullable=False),
-    pa.field("y2", pa.float64(), nullable=False),
-    pa.field("score", pa.float32(), nullable=False),
-    pa.field("start", pa.int32()),
-    pa.field("end", pa.int32()),
-])
+# The replay file columns we fill: chunks are given by char span, boxes by identical corners.
+DETECTIONS_SCHEMA = pa.schema([REPLAY_SCHEMA.field(name)
+                               for name in ("key", "x1", "y1", "x2", "y2", "score", "start", "end")])
 
 
 @dataclass(frozen=True)
