@@ -115,7 +115,7 @@ class GritRow(BaseModel):
             for e in entries:
                 if e.end > n:
                     raise ValueError(f"{name} span [{e.start}, {e.end}) outside caption of {n} chars")
-        for chunk, expr in zip(self.noun_chunks, self.ref_exps):
+        for chunk, expr in zip(self.noun_chunks, self.ref_exps, strict=True):  # lengths checked above
             if not (expr.start <= chunk.start and chunk.end <= expr.end):
                 raise ValueError(f"ref_exp [{expr.start}, {expr.end}) does not contain its chunk "
                                  f"[{chunk.start}, {chunk.end})")
