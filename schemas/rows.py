@@ -34,6 +34,7 @@ class RejectReason(str, Enum):
     NO_DETECTION = "no_detection"
     # select
     NO_BOX = "no_box"
+    # compose
     BAD_CHUNK = "bad_chunk"  # a pair's chunk has offsets outside the caption or an expression not containing it
 
 
