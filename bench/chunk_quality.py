@@ -1,7 +1,7 @@
 """Chunk quality of the `chunks` stage against human phrases: Flickr30k Entities (dev sentences).
 
 Gold: the human-annotated phrases with `notvisual == false` in
-`../shared/eval/flickr30k_entities_dev_sentences.jsonl` (character offsets into `sentence`). Predictions: the
+`tests/data/flickr30k_entities_dev_sentences.jsonl`, or `--data PATH` (character offsets into `sentence`). Predictions: the
 chunks of `ChunksStage.process_batch` (abstract/pronoun filter on) and, as the baseline, raw spaCy `doc.noun_chunks` from the same pipeline.
 
 Two matchings, each giving precision (matched chunks / chunks), recall (matched phrases / phrases), F1:
@@ -32,7 +32,7 @@ import pyarrow as pa  # noqa: E402
 
 from stages.chunks import ChunksConfig, ChunksStage  # noqa: E402
 
-FLICKR = REPO.parent / "shared" / "eval" / "flickr30k_entities_dev_sentences.jsonl"
+FLICKR = REPO / "tests" / "data" / "flickr30k_entities_dev_sentences.jsonl"  # --data overrides
 
 
 def prf(matched_pred: int, n_pred: int, matched_gold: int, n_gold: int) -> dict[str, float]:
@@ -66,9 +66,13 @@ def main() -> int:
     parser.add_argument("--filter-add", nargs="*", default=[], help="chunks.filter_add for this run")
     parser.add_argument("--filter-remove", nargs="*", default=[], help="chunks.filter_remove for this run")
     parser.add_argument("--top", type=int, default=20, help="false removals to list")
+    parser.add_argument("--data", type=Path, default=FLICKR,
+                        help="Flickr30k Entities sentences with phrase spans (JSON Lines; default: the copy in tests/data)")
     args = parser.parse_args()
+    if not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file (the repository ships tests/data/flickr30k_entities_dev_sentences.jsonl)")
 
-    rows = [json.loads(line) for line in FLICKR.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     sentences = [r["sentence"] for r in rows]
     gold = [[(p["char_start"], p["char_end"]) for p in r["phrases"] if not p["notvisual"]] for r in rows]
 

@@ -1,6 +1,6 @@
 """Captions per second of the `chunks` stage against raw spaCy `nlp.pipe` with the same components.
 
-Input: the 2,000 Flickr30k Entities dev sentences (`../shared/eval/flickr30k_entities_dev_sentences.jsonl`)
+Input: the 2,000 Flickr30k Entities dev sentences (`tests/data/flickr30k_entities_dev_sentences.jsonl`, or `--data PATH`)
 repeated to 20,000 captions. Raw: iterate `nlp.pipe` over all captions (the stage's own loaded pipeline, so
 the components are identical). Stage: `ChunksStage.process_batch` over an Arrow table in batches of
 `chunks.batch_size` rows -- Arrow in, noun chunks, filter, expansion, Arrow out. The two are timed in pairs,
@@ -30,11 +30,11 @@ import pyarrow as pa  # noqa: E402
 
 from stages.chunks import ChunksStage  # noqa: E402
 
-FLICKR = REPO.parent / "shared" / "eval" / "flickr30k_entities_dev_sentences.jsonl"
+FLICKR = REPO / "tests" / "data" / "flickr30k_entities_dev_sentences.jsonl"  # --data overrides
 
 
-def load_captions(n: int) -> list[str]:
-    sentences = [json.loads(line)["sentence"] for line in FLICKR.read_text().splitlines() if line.strip()]
+def load_captions(n: int, data: Path = FLICKR) -> list[str]:
+    sentences = [json.loads(line)["sentence"] for line in data.read_text().splitlines() if line.strip()]
     return [sentences[i % len(sentences)] for i in range(n)]
 
 
@@ -92,9 +92,13 @@ def main() -> int:
     parser.add_argument("--captions", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one stage pass")
+    parser.add_argument("--data", type=Path, default=FLICKR,
+                        help="captions as JSON Lines with a `sentence` field (default: the Flickr30k copy in tests/data)")
     args = parser.parse_args()
 
-    captions = load_captions(args.captions)
+    if not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file (the repository ships tests/data/flickr30k_entities_dev_sentences.jsonl)")
+    captions = load_captions(args.captions, args.data)
     table = pa.table({"key": [f"{i:08d}" for i in range(len(captions))], "caption": captions})
     stage = ChunksStage()
     stage.setup()

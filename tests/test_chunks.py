@@ -24,7 +24,7 @@ from stages.chunks import (  # noqa: E402
     singular_forms,
 )
 
-EVAL = Path(__file__).resolve().parents[2] / "shared" / "eval"
+EVAL = Path(__file__).resolve().parent / "data"
 CLOSERS = {")": "(", "]": "[", "}": "{"}
 
 

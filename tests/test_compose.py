@@ -18,7 +18,7 @@ from schemas.tables import CANDIDATE_TYPE, CHUNK_TYPE, GRIT_COLUMNS, GRIT_SCHEMA
 from stages.compose import ComposeConfig, ComposeStage
 from stages.registry import stage_class
 
-EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
+EVAL = Path(__file__).resolve().parent / "data"
 PUBLISHED = next(json.loads(line) for line in (EVAL / "grit_published_samples.jsonl").read_text().splitlines()
                  if json.loads(line)["format"] == "grit_native")
 

@@ -22,7 +22,7 @@ from schemas.location import encode_box
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-PUBLISHED = REPO.parent / "shared" / "eval" / "grit_published_samples.jsonl"
+PUBLISHED = REPO / "tests" / "data" / "grit_published_samples.jsonl"
 
 
 def test_the_four_configs_exist():

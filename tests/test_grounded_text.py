@@ -27,7 +27,7 @@ from schemas.grounded_text import (
 )
 from schemas.location import P, decode_box, encode_box
 
-EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
+EVAL = Path(__file__).resolve().parent / "data"
 ORACLE = [json.loads(line) for line in (EVAL / "kosmos2_location_token_oracle.jsonl").read_text().splitlines()
           if line.strip()]
 

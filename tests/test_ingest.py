@@ -28,7 +28,7 @@ from schemas.tables import INGEST_SCHEMA, REJECT_SCHEMA
 from stages.ingest import IngestConfig, IngestStage, SourceSchemaError, SourceShard
 from stages.sources import detect_format
 
-GRIT_SAMPLES = Path(__file__).resolve().parents[1] / ".." / "shared" / "eval" / "grit_published_samples.jsonl"
+GRIT_SAMPLES = Path(__file__).resolve().parent / "data" / "grit_published_samples.jsonl"
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

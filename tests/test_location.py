@@ -30,7 +30,7 @@ from schemas.location import (
     patch_index_token,
 )
 
-EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "eval"
+EVAL = Path(__file__).resolve().parent / "data"
 
 
 def _jsonl(name: str) -> list[dict]:
@@ -80,7 +80,7 @@ def valid_pairs(draw):
 def test_published_grit_boxes_encode_to_the_documented_tokens():
     row = next(r for r in _jsonl("grit_published_samples.jsonl") if r["format"] == "grit_native")
     got = [location_tokens(*encode_box(e[2:6])) for e in row["noun_chunks"]]
-    # The README's documented tokens (DESIGN.md and shared/eval/README.md), in the row's entry order.
+    # The README's documented tokens (DESIGN.md and tests/data/README.md), in the row's entry order.
     assert got == ["<patch_index_0288><patch_index_0990>", "<patch_index_0000><patch_index_1022>"]
 
 

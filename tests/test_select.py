@@ -21,7 +21,7 @@ from torchvision.ops import box_iou, nms
 from schemas.tables import CANDIDATE_TYPE, CHUNK_TYPE, REJECT_SCHEMA, SELECT_SCHEMA
 from stages.select import NMS_BLOCK, SelectConfig, SelectStage
 
-GRIT_SAMPLES = Path(__file__).resolve().parents[1] / ".." / "shared" / "eval" / "grit_published_samples.jsonl"
+GRIT_SAMPLES = Path(__file__).resolve().parent / "data" / "grit_published_samples.jsonl"
 
 
 def cand(box: int, chunk: int, x1: float, y1: float, x2: float, y2: float, score: float) -> dict:

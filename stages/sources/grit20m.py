@@ -2,7 +2,7 @@
 
 Input: the released Parquet files (a file or a folder of them, split like `parquet` sources), or JSON
 Lines in the same shape (`key, url, caption, width, height, noun_chunks, ref_exps, id,
-clip_similarity_vitb32, clip_similarity_vitl14`, as in `../shared/eval/grit_published_samples.jsonl`).
+clip_similarity_vitb32, clip_similarity_vitl14`, as in `tests/data/grit_published_samples.jsonl`).
 There are no images: `image_ref` is null and `ingest.require_image` defaults to false. GRIT's own
 `noun_chunks`/`ref_exps` clash with columns this pipeline produces and pass through as
 `src_noun_chunks`/`src_ref_exps` (the replay detector reads them); every other column passes through.
