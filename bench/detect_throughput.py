@@ -140,6 +140,7 @@ def bench_detect(jpegs: list[bytes], sizes: list[int], device: str, batch_size: 
     import torch
 
     from stages.detect import DetectConfig, DetectStage
+    from stages.detectors.config import DetectExecution
     from stages.detectors import tiny
 
     results = {}
@@ -150,8 +151,9 @@ def bench_detect(jpegs: list[bytes], sizes: list[int], device: str, batch_size: 
         for size in sizes:
             config = DetectConfig(backend="hf", hf_model=model, input_size=size,
                                   max_size=1333 if size >= 800 else round(size * 1333 / 800),
-                                  device=device, batch_size=batch_size)
-            stage = DetectStage(config)
+                                  )
+            stage = DetectStage(config, DetectExecution(device=device, batch_size=batch_size,
+                                                        gpus=0 if device == "cpu" else 1))
             stage.setup()
             prepared = stage.prepare_batch(table).output
             runs = {"batched": batch_size}

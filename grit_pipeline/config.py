@@ -1,15 +1,19 @@
 """Pipeline configuration: one typed section per stage plus `run`, loaded from YAML, overridden by dotted keys.
 
 `PipelineConfig` has a field per stage in `stages.registry.STAGE_ORDER`, typed by that stage's own
-pydantic `Config`, and a `run` section (`RunConfig`) for what is not a stage knob: where Ray runs, pool and
-batch sizes, which shards. A stage section changes outputs (and fingerprints); `run` never does, except
-`run.input` and `run.limit`, which decide what ingest reads.
+pydantic `Config` (semantic: every field is fingerprinted), and a `run` section (`RunConfig`) for how and
+where it runs. Every execution knob lives in one place, `run.resources.<stage>`, typed by the stage's
+`Execution` model (batch and pool sizes, CPUs, GPUs, device, precision, ...): changing one never changes
+a fingerprint or a row. `run` never changes outputs, except `run.input` and `run.limit`, which decide
+what ingest reads.
 
     cfg = load_config("configs/demo.yaml", ["select.min_score=0.7", "run.resources.detect.pool_size=2"])
 
-Override values are parsed as YAML scalars (`0.7` -> float, `true` -> bool, `[a, b]` -> list) and then
-coerced by pydantic; an unknown key is an error that names it. `run.yaml` in a run directory is the
-resolved config (`dump_config`) plus a `fingerprints:` section, which loading ignores.
+`load_settings` is the one loader of YAML plus dotted overrides, for this config and the trainer's
+(`grit_pipeline.train.config`): override values are parsed as YAML scalars (`0.7` -> float, `true` ->
+bool, `[a, b]` -> list) and coerced by pydantic; an unknown key is a `ConfigError` naming it (the CLI
+exits 2). `run.yaml` in a run directory is the resolved config (`dump_config`) plus a `fingerprints:`
+section, which loading ignores.
 """
 
 from __future__ import annotations
@@ -19,12 +23,11 @@ import functools
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from stages.base import Resources, StageConfig
 from stages.registry import STAGE_ORDER, stage_class
 
 # Keys `grit run` writes into run.yaml for readers (report, stats); not part of the config.
@@ -37,18 +40,17 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and what to do."""
 
 
-class ResourceOverride(BaseModel):
-    """Per-stage execution overrides (`run.resources.<stage>.<field>`); unset fields keep the stage's own."""
+def _stage_resources_model() -> type[BaseModel]:
+    """`run.resources`: one section per stage, typed by that stage's `Execution` model."""
+    fields: dict[str, Any] = {}
+    for name in STAGE_ORDER:
+        ex = stage_class(name).Execution
+        fields[name] = (ex, Field(default_factory=ex))
+    return create_model("StageResources", __config__=ConfigDict(extra="forbid"),
+                        __doc__="Execution settings per stage (`run.resources.<stage>.<field>`).", **fields)
 
-    model_config = ConfigDict(extra="forbid")
 
-    cpus: float | None = Field(None, gt=0)
-    gpus: float | None = Field(None, ge=0)
-    batch_size: int | None = Field(None, ge=1)
-    pool_size: int | None = Field(None, ge=1)
-
-    def apply(self, base: Resources) -> Resources:
-        return base.model_copy(update=self.model_dump(exclude_none=True))
+StageResources = _stage_resources_model()
 
 
 class RunConfig(BaseModel):
@@ -62,7 +64,7 @@ class RunConfig(BaseModel):
     address: str | None = None  # None: start local Ray; "auto", "ray://host:10001", "host:6379"
     num_cpus: int | None = Field(None, ge=1)  # local Ray only
     num_gpus: int | None = Field(None, ge=0)  # local Ray only
-    resources: dict[str, ResourceOverride] = Field(default_factory=dict)
+    resources: StageResources = Field(default_factory=StageResources)  # type: ignore[valid-type]
     loader_cpus: float = Field(0.5, gt=0)  # CPUs reserved by the tasks that read a shard's stage input
     prepare_memory_mb: int = Field(512, ge=1)  # memory reserved per prepare task (decoded images)
     progress: bool = True  # progress bars (ours per stage, and Ray Data's)
@@ -73,14 +75,6 @@ class RunConfig(BaseModel):
         default_factory=lambda: ["AWS_*", "FSSPEC_*", "GOOGLE_APPLICATION_CREDENTIALS", "HF_*",
                                  "TRANSFORMERS_OFFLINE", "NO_ALBUMENTATIONS_UPDATE"]
     )
-
-    @field_validator("resources")
-    @classmethod
-    def _known_stages(cls, v: dict[str, ResourceOverride]) -> dict[str, ResourceOverride]:
-        unknown = sorted(set(v) - set(STAGE_ORDER))
-        if unknown:
-            raise ValueError(f"unknown stage {unknown[0]!r} in run.resources; stages are {', '.join(STAGE_ORDER)}")
-        return v
 
     @field_validator("shards", mode="before")
     @classmethod
@@ -138,16 +132,38 @@ def __getattr__(name: str) -> Any:  # `from grit_pipeline.config import Pipeline
 # --- loading ---------------------------------------------------------------------------------------------
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 base: Mapping[str, Any] | None = None) -> BaseModel:
-    """Read a YAML config (or start from `base`, or from defaults), apply `key=value` overrides, validate."""
+    """The pipeline config: `base` (or defaults), then a YAML file, then `stage.key=value` overrides."""
+    return load_settings(pipeline_config_model(), path, overrides, base, dotted_keys=True,
+                         ignore=RUN_YAML_INFO_KEYS)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_settings(model: type[M], path: str | Path | None = None, overrides: Sequence[str] = (),
+                  base: Mapping[str, Any] | None = None, *, dotted_keys: bool = False,
+                  ignore: Sequence[str] = ()) -> M:
+    """Any settings model from `base`, a YAML file merged over it, and `key=value` overrides.
+
+    Every key is checked against `model` (also inside nested sections), errors name the key and raise
+    `ConfigError`. `dotted_keys` requires overrides to name a section (`stage.key=value`)."""
     raw: dict[str, Any] = copy.deepcopy(dict(base or {}))
     if path is not None:
-        raw = read_yaml(path)
-    for key in RUN_YAML_INFO_KEYS:
+        _deep_merge(raw, read_yaml(path))
+    for key in ignore:
         raw.pop(key, None)
     for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(raw, key, value)
-    return validate_config(raw, source=str(path) if path is not None else "config")
+        key, value = parse_override(item, dotted=dotted_keys)
+        set_dotted(raw, key, value, model)
+    return validate_config(raw, source=str(path) if path is not None else "config", model=model)
+
+
+def _deep_merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -163,16 +179,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of stage names to settings, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of section names to settings, got {type(data).__name__}")
     return data
 
 
-def parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str, dotted: bool = True) -> tuple[str, Any]:
     """`"select.min_score=0.7"` -> ("select.min_score", 0.7); the value is read as a YAML scalar/flow."""
     key, sep, text = item.partition("=")
     key = key.strip()
-    if not sep or not key or "." not in key:
-        raise ConfigError(f"bad override {item!r}: use stage.key=value, e.g. select.min_score=0.7")
+    if not sep or not key or (dotted and "." not in key):
+        example = "stage.key=value, e.g. select.min_score=0.7" if dotted else "key=value, e.g. lr=3e-4"
+        raise ConfigError(f"bad override {item!r}: use {example}")
     try:
         value = yaml.safe_load(text) if text.strip() else text
     except yaml.YAMLError:
@@ -180,20 +197,21 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any, root: type[BaseModel] | None = None) -> None:
     """Set `raw[a][b][c] = value` for `key="a.b.c"`, checking each part against the config model."""
     parts = key.split(".")
-    model: Any = pipeline_config_model()
+    model: Any = root if root is not None else pipeline_config_model()
     node = raw
     for i, part in enumerate(parts):
         so_far = ".".join(parts[: i + 1])
         if isinstance(model, type) and issubclass(model, BaseModel):
             if part not in model.model_fields:
+                hint = moved_key_hint(parts[: i + 1])
                 known = ", ".join(sorted(model.model_fields)) or "(none)"
-                raise ConfigError(f"unknown config key {so_far!r}; known keys here: {known}")
+                raise ConfigError(f"unknown config key {so_far!r}; " + (hint or f"known keys here: {known}"))
             model = _field_model(model.model_fields[part].annotation)
         elif model is dict:
-            model = _dict_value_model(parts, i)
+            model = dict
         else:
             raise ConfigError(f"unknown config key {so_far!r}: {'.'.join(parts[:i])} is not a section")
         if i == len(parts) - 1:
@@ -209,6 +227,17 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
             node = child
 
 
+def moved_key_hint(parts: Sequence[str]) -> str | None:
+    """For `detect.batch_size` and other execution settings written in a stage's section: where they live."""
+    if len(parts) != 2 or parts[0] not in STAGE_ORDER:
+        return None
+    stage, field = parts
+    if field in stage_class(stage).Execution.model_fields:
+        return (f"{field!r} is an execution setting (it never changes the output): set "
+                f"run.resources.{stage}.{field} instead")
+    return None
+
+
 def _field_model(annotation: Any) -> Any:
     """The model class, `dict`, or None (a leaf) behind a field annotation."""
     import typing
@@ -216,7 +245,7 @@ def _field_model(annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (dict, Mapping):
         return dict
-    if origin is not None:  # Optional[Model], Union[...]: use the first model or dict inside
+    if origin is not None:  # Optional[Model], Union[...], Annotated[...]: the first model or dict inside
         for arg in typing.get_args(annotation):
             found = _field_model(arg)
             if found is not None:
@@ -227,18 +256,8 @@ def _field_model(annotation: Any) -> Any:
     return None
 
 
-def _dict_value_model(parts: list[str], i: int) -> Any:
-    # run.resources.<stage>.<field>: the dict's values are ResourceOverride; other dicts are free-form
-    if parts[:2] == ["run", "resources"] and i == 2:
-        if parts[i] not in STAGE_ORDER:
-            raise ConfigError(f"unknown stage {parts[i]!r} in {'.'.join(parts[:3])}; "
-                              f"stages are {', '.join(STAGE_ORDER)}")
-        return ResourceOverride
-    return dict
-
-
-def validate_config(raw: Mapping[str, Any], source: str = "config") -> BaseModel:
-    model = pipeline_config_model()
+def validate_config(raw: Mapping[str, Any], source: str = "config", model: type[M] | None = None) -> M:
+    model = model if model is not None else pipeline_config_model()
     try:
         return model.model_validate(raw)
     except ValidationError as e:
@@ -250,7 +269,8 @@ def format_validation_error(e: ValidationError) -> str:
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown config key {loc!r}")
+            hint = moved_key_hint([str(p) for p in err["loc"]])
+            lines.append(f"unknown config key {loc!r}" + (f" ({hint})" if hint else ""))
         else:
             got = err.get("input")
             lines.append(f"{loc}: {err['msg']} (got {got!r})")
@@ -268,14 +288,3 @@ def dump_config(config: BaseModel, fingerprints: Mapping[str, str] | None = None
     if fingerprints:
         data["fingerprints"] = dict(fingerprints)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-
-
-def stage_config(config: BaseModel, stage: str) -> StageConfig:
-    return getattr(config, stage)
-
-
-def stage_resources(config: BaseModel, stage: str, stage_obj: Any) -> Resources:
-    """The stage's declared resources with `run.resources.<stage>` applied."""
-    base: Resources = stage_obj.resources
-    override = config.run.resources.get(stage)
-    return override.apply(base) if override is not None else base

@@ -28,7 +28,7 @@ import yaml
 
 from grit_pipeline import stats as stats_mod
 from grit_pipeline.config import RunConfig, config_dict, parse_shard_spec
-from grit_pipeline.fingerprint import chain_fingerprints, excluded_fields, source_fingerprint
+from grit_pipeline.fingerprint import chain_fingerprints, source_fingerprint
 from grit_pipeline.rundir import RunDir, ShardFiles
 from grit_pipeline.stage_io import conform_output, join_upstream, passthrough_fields
 from grit_pipeline.workers import ROW, StageRuntime, from_ipc
@@ -48,6 +48,7 @@ class StagePlan:
     index: int
     cls: type[Stage]
     config: StageConfig
+    execution: Any
     fingerprint: str
     resources: Resources
     has_prepare: bool
@@ -185,15 +186,15 @@ def build_plan(config: Any, *, input_uri: str | None = None, output_uri: str, sh
         selected, caps = _apply_limit(source_stage, sources, selected, run.limit)
 
     fps = chain_fingerprints(
-        [(n, classes[n].version, stage_cfgs[n], excluded_fields(classes[n])) for n in names],
+        [(n, classes[n].version, stage_cfgs[n]) for n in names],
         source_fingerprint(run.input, run.limit))
     rundir = RunDir(output_uri, run.storage_options)
     plans = []
     for i, n in enumerate(names):
-        stage = classes[n](stage_cfgs[n])
-        override = run.resources.get(n)
-        resources = override.apply(stage.resources) if override is not None else stage.resources
-        sp = StagePlan(name=n, index=i, cls=classes[n], config=stage_cfgs[n], fingerprint=fps[n],
+        execution = getattr(run.resources, n, None) or classes[n].Execution()
+        stage = classes[n](stage_cfgs[n], execution)
+        resources = stage.resources
+        sp = StagePlan(name=n, index=i, cls=classes[n], config=stage_cfgs[n], execution=execution, fingerprint=fps[n],
                        resources=resources, has_prepare=type(stage).prepare_batch is not Stage.prepare_batch,
                        selected=lo <= i <= hi)
         if inspect_cache:
@@ -306,7 +307,8 @@ def _assemble(parts: list[pa.Table], empty_schema: pa.Schema) -> pa.Table:
 def _runtime(plan: RunPlan, sp: StagePlan) -> StageRuntime:
     n = len(plan.stages)
     return StageRuntime(
-        name=sp.name, cls=sp.cls, config=sp.config, fingerprint=sp.fingerprint, resources=sp.resources,
+        name=sp.name, cls=sp.cls, config=sp.config, execution=sp.execution, fingerprint=sp.fingerprint,
+        resources=sp.resources,
         rundir=plan.rundir,
         upstream=tuple((p.name, p.fingerprint) for p in plan.stages[: sp.index]),
         extras="any" if sp.index == 0 else ("passthrough" if sp.index == n - 1 else "none"),
@@ -324,7 +326,7 @@ def _empty_output(plan: RunPlan, sp: StagePlan, shard: int) -> pa.Table:
     upstream = plan.stages[: sp.index]
     empty = join_upstream([p.name for p in upstream],
                           [plan.rundir.read_schema(p.name, p.fingerprint, shard).empty_table() for p in upstream])
-    stage = sp.cls(sp.config)
+    stage = sp.cls(sp.config, sp.execution)
     out = stage.process_batch(stage.prepare_batch(empty).output).output
     return conform_output(sp.name, out, sp.cls.output_schema,
                           allowed_extra=[f.name for f in passthrough_fields(empty.schema)])

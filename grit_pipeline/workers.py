@@ -70,6 +70,7 @@ class StageRuntime:
     sources: Mapping[int, Any] = field(default_factory=dict)  # ingest: shard -> SourceShard
     caps: Mapping[int, int] = field(default_factory=dict)  # ingest: shard -> max rows (run.limit)
     has_prepare: bool = False
+    execution: Any = None  # the stage's Execution; None = its defaults
 
     @property
     def is_source(self) -> bool:
@@ -92,7 +93,7 @@ def get_stage(rt: StageRuntime, setup: bool = True) -> Stage:
     key = (rt.name, rt.fingerprint, setup)
     stage = _STAGES.get(key)
     if stage is None:
-        stage = rt.cls(rt.config)
+        stage = rt.cls(rt.config, rt.execution)
         if setup:
             stage.setup()
         _STAGES[key] = stage

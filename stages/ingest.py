@@ -23,18 +23,18 @@ Rejects (each input row gets at most one; the first that applies wins, in this o
 from __future__ import annotations
 
 import os
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
 
 from schemas.rows import RejectReason
 from schemas.tables import INGEST_COLUMNS, INGEST_FIELDS, INGEST_SCHEMA
-from stages.base import Resources, Stage, StageConfig, StageResult
+from stages.base import Execution, Stage, StageConfig, StageResult
 from stages.sources import READERS, SourceSchemaError, SourceShard, detect_format
 from stages.sources.base import DETAIL_COL, IMAGE_MISSING_COL, REJECT_COL, RESERVED_COLUMNS
+from stages.sources.config import IngestConfig
 
 __all__ = ["IngestConfig", "IngestStage", "SourceSchemaError", "SourceShard"]
 
@@ -45,55 +45,12 @@ BAD_KEY_CHARS = r"/|\\|\.\.|[\x00-\x1f\x7f-\x{9f}]"
 MAX_KEY_CHARS = 256
 
 
-class IngestConfig(StageConfig):
-    """How to read the source and what to reject. Column names default to the first present of a list
-    of aliases (caption: caption/TEXT/text; url: url/URL; key: key; width/height: width/WIDTH ...)."""
-
-    format: Literal["auto", "img2dataset", "folder", "parquet", "grit20m"] = Field(
-        "auto", description="Source format; `auto` detects it (stages.sources.detect_format).")
-    rows_per_shard: int = Field(
-        10_000, ge=1, description="Rows per shard when splitting unsharded sources (folder, parquet, "
-        "grit20m); img2dataset shards are used as they are.")
-    caption_column: str | None = Field(None, description="Source column holding the caption.")
-    url_column: str | None = Field(None, description="Source column holding the image URL.")
-    key_column: str | None = Field(
-        None, description="Source column holding the row key; without one, keys are stable hashes "
-        "(folder: of the relative image path; parquet: of url and caption).")
-    image_column: str | None = Field(
-        None, description="Column with the image path (folder: file/image/file_name/image_path; "
-        "parquet: image_path).")
-    caption_whitespace: Literal["collapse", "strip", "keep"] = Field(
-        "collapse", description="collapse: strip the ends and turn every run of Unicode whitespace "
-        "(newlines, tabs, NBSP) into one space -- the grounded-text formats need single-line captions; "
-        "strip: only the ends; keep: as in the source.")
-    max_caption_chars: int | None = Field(
-        2_000, ge=1, description="Longer captions are rejected (caption_too_long); None = no limit. "
-        "2,000 characters is ~500 BPE tokens, a quarter of Kosmos-2's 2,048-token training sequence; "
-        "alt-texts that long are scraped page text rather than descriptions, and GroundingDINO reads "
-        "only 256 text tokens of them.")
-    external_images: bool = Field(
-        False,
-        description="Parquet sources: allow `image_path` values that are absolute paths or URLs. Off by "
-                    "default, so a metadata file cannot make workers read files outside its folder or "
-                    "fetch URLs with their credentials; relative paths inside the folder always work.")
-    require_image: bool | None = Field(
-        None, description="Reject rows whose image is missing (missing_image). None = true for every "
-        "format except grit20m, which has no images.")
-
-    def requires_image(self, fmt: str) -> bool:
-        return self.require_image if self.require_image is not None else fmt != "grit20m"
-
-
 class IngestStage(Stage[IngestConfig]):
     name: ClassVar[str] = "ingest"
     version: ClassVar[int] = 1
     Config: ClassVar[type[StageConfig]] = IngestConfig
+    Execution: ClassVar[type[Execution]] = Execution  # one task per whole shard (duplicate keys are per shard)
     output_schema: ClassVar[pa.Schema] = INGEST_SCHEMA  # passthrough columns follow
-
-    @property
-    def resources(self) -> Resources:
-        # one call per shard: duplicate keys are detected within the whole shard
-        return Resources(cpus=1.0, batch_size=None)
 
     # --- reading ----------------------------------------------------------------------------------------
 

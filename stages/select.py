@@ -39,13 +39,11 @@ from typing import ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from pydantic import Field
-from torchvision.ops import batched_nms
 
 from schemas.rows import RejectReason
 from schemas.tables import PAIR_TYPE, SELECT_SCHEMA
-from stages.base import Resources, Stage, StageConfig, StageResult
+from stages.base import Execution, Stage, StageConfig, StageResult
 
 # NMS runs over blocks of whole images of at most this many boxes: torchvision's batched_nms offsets the
 # boxes of each image apart (one nms call per block) up to 1,000 boxes on CPU and loops per image above
@@ -76,11 +74,8 @@ class SelectStage(Stage[SelectConfig]):
     name: ClassVar[str] = "select"
     version: ClassVar[int] = 1
     Config: ClassVar[type[StageConfig]] = SelectConfig
+    Execution: ClassVar[type[Execution]] = Execution
     output_schema: ClassVar[pa.Schema] = SELECT_SCHEMA
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(cpus=1.0)
 
     def process_batch(self, table: pa.Table) -> StageResult:
         cfg = self.config
@@ -226,6 +221,9 @@ def _batched_nms_blocks(boxes: np.ndarray, scores: np.ndarray, group: np.ndarray
 
 
 def _nms_block(boxes, scores, group, start: int, end: int, iou: float) -> np.ndarray:
+    import torch  # here, not at module level: the driver plans runs with this module and needs no torch
+    from torchvision.ops import batched_nms
+
     local = group[start:end] - group[start]
     kept = batched_nms(torch.from_numpy(np.ascontiguousarray(boxes[start:end])),
                        torch.from_numpy(np.ascontiguousarray(scores[start:end])),

@@ -18,6 +18,7 @@ from schemas.tables import CHUNKS_SCHEMA, REJECT_SCHEMA  # noqa: E402
 from stages.chunks import (  # noqa: E402
     ChunkFilter,
     ChunksConfig,
+    ChunksExecution,
     ChunksStage,
     load_pipeline,
     packaged_filter_words,
@@ -249,7 +250,7 @@ def test_output_is_deterministic(stage):
 
 
 def test_resources_and_empty_batch(stage):
-    resources = configured(stage, batch_size=123).resources
+    resources = ChunksStage(ChunksConfig(), ChunksExecution(batch_size=123)).resources
     assert resources.actor and resources.batch_size == 123
     result = stage.process_batch(table_of([]).cast(pa.schema([("key", pa.string()), ("caption", pa.string())])))
     assert result.output.num_rows == 0 and result.output.schema == CHUNKS_SCHEMA

@@ -19,7 +19,7 @@ from grit_pipeline.engine import build_plan
 def test_defaults_are_the_stage_defaults():
     cfg = load_config()
     assert cfg.select.min_score == 0.65  # the paper's threshold
-    assert cfg.run.address is None and cfg.run.resources == {}
+    assert cfg.run.address is None and cfg.run.resources.detect.batch_size == 8
 
 
 def test_yaml_then_overrides_are_coerced_by_pydantic(tmp_path):
@@ -35,7 +35,7 @@ def test_yaml_then_overrides_are_coerced_by_pydantic(tmp_path):
     assert cfg.select.min_score == 0.7 and isinstance(cfg.select.min_score, float)
     assert cfg.compose.containment_filter is False
     assert sorted(cfg.chunks.filter_add) == ["scene", "sky"]
-    assert cfg.run.resources["detect"].pool_size == 3
+    assert cfg.run.resources.detect.pool_size == 3
     assert cfg.run.num_cpus == 2  # from the file, untouched by the overrides
     assert cfg.run.shards == "0-4"
 
@@ -105,12 +105,20 @@ def test_threshold_change_changes_select_and_compose_only(synthetic_input, tmp_p
     assert {s for s in base if base[s] != chunks_changed[s]} == {"chunks", "detect", "select", "compose"}
 
 
-def test_execution_knobs_do_not_change_fingerprints(synthetic_input, tmp_path):
+def test_run_settings_do_not_change_fingerprints(synthetic_input, tmp_path):
     base = _fingerprints(synthetic_input, tmp_path)
     knobs = _fingerprints(synthetic_input, tmp_path, [
-        "detect.batch_size=2", "detect.pool_size=4", "chunks.batch_size=16",
-        "run.resources.select.cpus=2", "run.num_cpus=1", "run.shards=0"])
+        "run.resources.detect.batch_size=2", "run.resources.detect.pool_size=4",
+        "run.resources.chunks.pipe_batch_size=16", "run.resources.select.cpus=2", "run.num_cpus=1",
+        "run.shards=0"])
     assert knobs == base
+
+
+def test_an_execution_setting_in_a_stage_section_says_where_it_lives():
+    with pytest.raises(ConfigError, match=r"run\.resources\.detect\.batch_size"):
+        load_config(None, ["detect.batch_size=2"])
+    with pytest.raises(ConfigError, match=r"run\.resources\.chunks\.pipe_batch_size"):
+        load_config(None, base={"chunks": {"pipe_batch_size": 64}})
 
 
 def test_another_input_or_limit_changes_every_fingerprint(synthetic_input, tmp_path):

@@ -29,19 +29,23 @@ def test_the_four_configs_exist():
     assert {p.name for p in CONFIGS} >= {"default.yaml", "demo.yaml", "grit20m.yaml", "hf-owlv2.yaml"}
 
 
+def _assert_written_values_survive(model, values: dict, where: str) -> None:
+    for key, value in values.items():
+        got = getattr(model, key)
+        if isinstance(value, dict) and hasattr(got, "model_fields"):  # a nested section (run.resources.detect)
+            _assert_written_values_survive(got, value, f"{where}.{key}")
+            continue
+        if isinstance(got, tuple):
+            got = list(got)
+        assert got == value, f"{where}.{key}"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads_and_every_key_is_a_stage_field(path):
     cfg = load_config(path)
     raw = yaml.safe_load(path.read_text())
     for section, values in raw.items():  # every key written in the file survives validation as written
-        model = getattr(cfg, section)
-        for key, value in (values or {}).items():
-            got = getattr(model, key)
-            if isinstance(value, dict):
-                got = {k: v.model_dump(exclude_none=True) if hasattr(v, "model_dump") else v for k, v in got.items()}
-            elif isinstance(got, tuple):
-                got = list(got)
-            assert got == value, f"{path.name}: {section}.{key}"
+        _assert_written_values_survive(getattr(cfg, section), values or {}, f"{path.name}: {section}")
 
 
 def test_default_config_is_groundingdino_with_the_paper_thresholds():

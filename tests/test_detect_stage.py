@@ -23,6 +23,7 @@ from PIL import Image
 from schemas.tables import CHUNK_TYPE, DETECT_SCHEMA, INGEST_FIELDS, REJECT_SCHEMA
 from stages.base import Stage
 from stages.detect import DetectConfig, DetectStage
+from stages.detectors.config import DetectExecution
 from stages.detectors import tiny
 from stages.detectors.batching import autocast_dtype
 from stages.registry import stage_class
@@ -131,7 +132,7 @@ def hf_model(tmp_path_factory):
 
 def hf_stage(model, **kw):
     return DetectStage(DetectConfig(backend="hf", hf_model=model, floor=0.0, max_candidates=12, input_size=96,
-                                    max_size=160, device="cpu", **kw))
+                                    max_size=160, **kw), DetectExecution(device="cpu", gpus=0))
 
 
 def test_process_batch_detects_good_images_among_bad_ones(mixed_batch, hf_model):
@@ -175,9 +176,9 @@ def test_empty_batch(hf_model):
 def test_contract_and_resources():
     assert stage_class("detect") is DetectStage and issubclass(DetectStage, Stage)
     assert DetectStage.name == "detect" and DetectStage.version == 1 and DetectStage.output_schema == DETECT_SCHEMA
-    r = DetectStage(DetectConfig(gpus=0.5, batch_size=16, pool_size=4)).resources
+    r = DetectStage(DetectConfig(), DetectExecution(gpus=0.5, batch_size=16, pool_size=4)).resources
     assert (r.actor, r.gpus, r.batch_size, r.pool_size) == (True, 0.5, 16, 4)
-    assert DetectStage(DetectConfig(device="cpu")).resources.gpus == 0
+    assert DetectStage(DetectConfig(), DetectExecution(device="cpu")).resources.gpus == 0
     with pytest.raises(ValueError):
         DetectConfig(flor=0.2)  # typos fail loudly
 

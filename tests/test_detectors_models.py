@@ -22,6 +22,7 @@ from PIL import Image
 
 from schemas.tables import CHUNK_TYPE, DETECT_SCHEMA
 from stages.detect import DetectConfig, DetectStage
+from stages.detectors.config import DetectExecution
 from stages.detectors import tiny
 from stages.detectors.base import ChunkPrompt, ImageInput
 from stages.detectors.batching import pad_images
@@ -32,6 +33,8 @@ from stages.detectors.hf import HFOwlv2, hf_post_process, load_hf_detector
 CAPTION = "a dog in a field of flowers"
 SPANS = [(0, 5), (9, 16), (20, 27)]
 PROMPT = ChunkPrompt.from_caption(CAPTION, SPANS)
+
+CPU = DetectExecution(device="cpu", gpus=0)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def image_table(tmp_path, sizes) -> pa.Table:
 
 def test_hf_grounding_dino_stage_end_to_end(models, tmp_path):
     stage = DetectStage(DetectConfig(backend="hf", hf_model=models["gd"], floor=0.0, max_candidates=25,
-                                     input_size=96, max_size=160, device="cpu"))
+                                     input_size=96, max_size=160), CPU)
     table = image_table(tmp_path, [(160, 120), (90, 140), (100, 100)])
     prepared = stage.prepare_batch(table)
     assert prepared.rejects.num_rows == 0
@@ -105,7 +108,7 @@ def test_hf_grounding_dino_stage_end_to_end(models, tmp_path):
     assert result.rejects.num_rows == 0
     for row in result.output.to_pylist():
         assert len(row["candidates"]) == 25
-    again = DetectStage(stage.config).process_batch(table)  # without prepare_batch: it decodes itself
+    again = DetectStage(stage.config, CPU).process_batch(table)  # without prepare_batch: it decodes itself
     assert again.output.equals(result.output)
 
 
@@ -255,8 +258,7 @@ def test_out_of_memory_halves_the_detector_batch(tmp_path):
 
 
 def test_owlv2_stage_end_to_end(models, tmp_path):
-    stage = DetectStage(DetectConfig(backend="hf", hf_model=models["owl"], floor=0.0, max_candidates=20,
-                                     device="cpu"))
+    stage = DetectStage(DetectConfig(backend="hf", hf_model=models["owl"], floor=0.0, max_candidates=20), CPU)
     table = image_table(tmp_path, [(160, 120), (90, 140)])
     prepared = stage.prepare_batch(table)  # longer side to the model's 64 px square input
     assert prepared.output["pix_w"].to_pylist() == [64, 41] and prepared.output["pix_h"].to_pylist() == [48, 64]
@@ -312,7 +314,7 @@ OFFICIAL_SMALL = {"enc_layers": 1, "dec_layers": 2, "num_queries": 20}
 @pytest.fixture(scope="module")
 def official(models):
     return DetectStage(DetectConfig(backend="groundingdino", gd_text_encoder=models["bert"], gd_overrides=OFFICIAL_SMALL,
-                                    floor=0.0, max_candidates=1000, input_size=96, max_size=160, device="cpu"))
+                                    floor=0.0, max_candidates=1000, input_size=96, max_size=160), CPU)
 
 
 @pytest.mark.slow
@@ -378,7 +380,7 @@ def test_official_groundingdino_loads_checkpoints(official, models, tmp_path, fm
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     else:
         torch.save({"model": {"module." + k: v for k, v in state.items()}}, path)  # wrapped, DataParallel names
-    loaded = DetectStage(official.config.model_copy(update={"gd_checkpoint": str(path)})).detector
+    loaded = DetectStage(official.config.model_copy(update={"gd_checkpoint": str(path)}), CPU).detector
     got = loaded.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in state.items())
 
@@ -388,4 +390,4 @@ def test_official_groundingdino_refuses_pickled_code(official, tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "extra": NotWeights()}, path)  # needs a full unpickler
     with pytest.raises(ValueError, match="weights_only"):
-        DetectStage(official.config.model_copy(update={"gd_checkpoint": str(path)})).setup()
+        DetectStage(official.config.model_copy(update={"gd_checkpoint": str(path)}), CPU).setup()

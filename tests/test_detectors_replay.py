@@ -11,6 +11,7 @@ import pytest
 
 from schemas.tables import CHUNK_TYPE, DETECT_SCHEMA
 from stages.detect import DetectConfig, DetectStage
+from stages.detectors.config import DetectExecution
 from stages.detectors.base import ChunkPrompt, ImageInput
 from stages.detectors.replay import REPLAY_SCHEMA, ReplayDetector, box_ids_from_corners, check_entries
 
@@ -180,7 +181,7 @@ def test_box_ids_from_corners_in_order_of_first_appearance():
 
 
 def test_replay_needs_no_image_and_no_gpu():
-    stage = DetectStage(DetectConfig(backend="replay", replay_mode="grit20m", gpus=1.0))
+    stage = DetectStage(DetectConfig(backend="replay", replay_mode="grit20m"), DetectExecution(gpus=1.0))
     assert stage.resources.gpus == 0 and stage.resources.actor
     assert not stage.detector.needs_pixels
     assert math.isclose(stage.config.floor, 0.1)

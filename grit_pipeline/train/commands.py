@@ -50,13 +50,18 @@ def train_command(
 ) -> None:
     """Train the tiny Kosmos-2-style grounded LM on GrIT shards. Several GPUs or processes:
     `torchrun --nproc_per_node N .venv/bin/grit train ...` (DDP; NCCL on GPUs, gloo on CPUs)."""
+    from grit_pipeline.config import ConfigError
     from grit_pipeline.train.config import load_config
     from grit_pipeline.train.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(config, overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                      grounding_fraction=grounding_fraction, num_workers=workers, device=device,
-                      torch_threads=threads, time_limit_s=time_limit)
+    try:
+        cfg = load_config(config, overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                          grounding_fraction=grounding_fraction, num_workers=workers, device=device,
+                          torch_threads=threads, time_limit_s=time_limit)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     result = train(shards, out, cfg, resume=not no_resume)
     losses = result.pop("losses")
     result["first_loss"] = losses[0] if losses else None

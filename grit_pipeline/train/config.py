@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-import fsspec
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from grit_pipeline.config import load_settings
 from grit_pipeline.train.model import ModelConfig
 
 
@@ -50,32 +49,10 @@ class TrainConfig(BaseModel):
     time_limit_s: float | None = None  # stop (and checkpoint) early once training has run this long
 
 
-def _set_dotted(data: dict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    node = data
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
-
-
 def load_config(path: str | None = None, overrides: list[str] | None = None, *, defaults: dict | None = None,
                 **fields) -> TrainConfig:
     """A TrainConfig from `defaults`, then an optional YAML file, then `key=value` overrides (values parsed
-    as YAML), then keyword fields that are not None (the CLI's flags)."""
-    data: dict = json.loads(json.dumps(defaults or {}))  # a deep copy
-    if path:
-        with fsspec.open(path, "r") as f:
-            for key, value in (yaml.safe_load(f) or {}).items():
-                if isinstance(value, dict) and isinstance(data.get(key), dict):
-                    data[key].update(value)
-                else:
-                    data[key] = value
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    for key, value in fields.items():
-        if value is not None:
-            _set_dotted(data, key, value)
-    return TrainConfig.model_validate(data)
+    as YAML), then keyword fields that are not None (the CLI's flags). The same loader as the pipeline's
+    (`grit_pipeline.config.load_settings`): unknown keys and bad values raise `ConfigError` naming the key."""
+    flags = [f"{key}={json.dumps(value)}" for key, value in fields.items() if value is not None]
+    return load_settings(TrainConfig, path, [*(overrides or []), *flags], defaults)

@@ -1,6 +1,6 @@
 """Detector backends behind one `Detector` protocol (`detect(images, prompts) -> [Detections]`).
 
-`build_detector(config)` makes the backend a `DetectConfig` names: `groundingdino` (official package),
+`build_detector(config, execution)` makes the backend a `DetectConfig` names: `groundingdino` (official package),
 `hf` (transformers GroundingDINO / OWLv2) or `replay` (precomputed boxes). `resize_spec(config)` says
 which input size the backend's images are decoded to — needed by the CPU decode step, which runs
 without the model. Backends import torch/transformers lazily, so `replay` runs without them loaded.
@@ -10,25 +10,23 @@ See README.md in this folder for the protocol, the replay schema and how a GLIP 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 from stages.detectors.base import ChunkPrompt, Detections, Detector, ImageInput, finalize
+from stages.detectors.config import DetectConfig, DetectExecution
 from stages.images import ResizeSpec
-
-if TYPE_CHECKING:
-    from stages.detect import DetectConfig
 
 __all__ = ["ChunkPrompt", "Detections", "Detector", "ImageInput", "build_detector", "finalize", "resize_spec"]
 
 
-def build_detector(config: DetectConfig) -> Detector:
+def build_detector(config: DetectConfig, execution: DetectExecution | None = None) -> Detector:
+    execution = execution if execution is not None else DetectExecution()
     scoring = {"floor": config.floor, "max_candidates": config.max_candidates}
     if config.backend == "replay":
         from stages.detectors.replay import ReplayDetector
 
         return ReplayDetector(path=config.replay_path, mode=config.replay_mode, **scoring)
-    runtime = {**scoring, "batch_size": config.batch_size, "device": config.device,
-               "precision": config.precision}
+    runtime = {**scoring, "batch_size": execution.batch_size, "device": execution.device,
+               "precision": execution.precision}
     if config.backend == "hf":
         if not config.hf_model:
             raise ValueError("detect.backend=hf needs detect.hf_model (a local directory or a model id)")

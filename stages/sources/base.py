@@ -18,7 +18,7 @@ import posixpath
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import fsspec
 import pyarrow as pa
@@ -26,9 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.rows import RejectReason
 from schemas.tables import INGEST_COLUMNS, PRODUCED_COLUMNS, SOURCE_PREFIX
-
-if TYPE_CHECKING:  # the config class lives in stages.ingest, which imports this package
-    from stages.ingest import IngestConfig
+from stages.sources.config import IngestConfig
 
 SourceFormat = Literal["img2dataset", "folder", "parquet", "grit20m"]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import posixpath
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -33,10 +32,8 @@ from stages.sources.base import (
     stable_key,
     url_to_fs,
 )
+from stages.sources.config import IngestConfig
 from stages.sources.records import count_records, read_records, records_to_table
-
-if TYPE_CHECKING:
-    from stages.ingest import IngestConfig
 
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 IMAGE_ALIASES = ("file", "image", "file_name", "image_path")

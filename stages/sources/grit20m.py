@@ -11,8 +11,6 @@ A row without a key is `bad_source_row`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pyarrow as pa
 
 from stages.sources.base import (
@@ -24,11 +22,9 @@ from stages.sources.base import (
     split_shards,
     url_to_fs,
 )
+from stages.sources.config import IngestConfig
 from stages.sources.parquet import discover_files, read_slice
 from stages.sources.records import count_records, read_records, records_to_table
-
-if TYPE_CHECKING:
-    from stages.ingest import IngestConfig
 
 # Columns that only GRIT metadata carries: how `auto` tells it from plain image-caption Parquet.
 MARKER_COLUMNS = ("noun_chunks", "ref_exps")

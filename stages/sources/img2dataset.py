@@ -14,7 +14,6 @@ consumed: rows with `status != "success"` become `download_failed` rejects (deta
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,9 +33,7 @@ from stages.sources.base import (
     resolve_columns,
     url_to_fs,
 )
-
-if TYPE_CHECKING:
-    from stages.ingest import IngestConfig
+from stages.sources.config import IngestConfig
 
 SHARD_FILE = re.compile(r"^(\d+)\.parquet$")
 STATUS_COLUMNS = ("status", "error_message")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import posixpath
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,10 +34,8 @@ from stages.sources.base import (
     stable_key,
     url_to_fs,
 )
+from stages.sources.config import IngestConfig
 from stages.sources.folder import relative_image_path
-
-if TYPE_CHECKING:
-    from stages.ingest import IngestConfig
 
 IMAGE_ALIASES = ("image_path",)
 

@@ -14,14 +14,12 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
 from stages.sources.base import BAD_SOURCE_ROW, Columns, SourceSchemaError, resolve_columns, url_to_fs
-
-if TYPE_CHECKING:
-    from stages.ingest import IngestConfig
+from stages.sources.config import IngestConfig
 
 
 @dataclass

@@ -25,9 +25,8 @@ def replay_config(corpus: Corpus, **sections: Mapping[str, Any]) -> dict[str, An
     every shard takes several calls, quiet. `sections` update the config's sections key by key."""
     config: dict[str, Any] = {
         "ingest": {"format": "img2dataset"},
-        "chunks": {"batch_size": 4},
-        "detect": {"backend": "replay", "replay_path": str(corpus.detections), "batch_size": 4},
-        "run": {"progress": False},
+        "detect": {"backend": "replay", "replay_path": str(corpus.detections)},
+        "run": {"progress": False, "resources": {"chunks": {"batch_size": 4}, "detect": {"batch_size": 4}}},
     }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}

@@ -18,13 +18,14 @@ from stages.base import StageResult
 from stages.chunks import ChunksConfig, ChunksStage
 from stages.compose import ComposeConfig, ComposeStage
 from stages.detect import DetectConfig, DetectStage
+from stages.detectors.config import DetectExecution
 from stages.ingest import IngestConfig, IngestStage
 from stages.registry import STAGE_ORDER
 from stages.select import SelectConfig, SelectStage
 from stages.sources import SourceSchemaError
 
 # Decodes images like a pixel detector would, without loading a model (resize_spec needs no weights).
-DECODE_CONFIG = DetectConfig(backend="groundingdino", input_size=32, device="cpu", gpus=0)
+DECODE_CONFIG = DetectConfig(backend="groundingdino", input_size=32)
 
 
 @dataclass
@@ -66,7 +67,7 @@ def run_stagewise(input_uri: str | Path, *, replay_path: str | Path | None, deco
     pixel detector) before replaying boxes; `replay_path` None skips boxes (every row gets none)."""
     ingest = IngestStage(IngestConfig(format="img2dataset"))
     chunks = chunks or ChunksStage(ChunksConfig())
-    decoder = DetectStage(DECODE_CONFIG) if decode else None
+    decoder = DetectStage(DECODE_CONFIG, DetectExecution(device="cpu", gpus=0)) if decode else None
     detect = DetectStage(DetectConfig(backend="replay", replay_path=str(replay_path)))
     select, compose = SelectStage(SelectConfig()), ComposeStage(ComposeConfig())
     runs: dict[int, ShardRun] = {}

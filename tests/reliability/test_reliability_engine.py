@@ -118,8 +118,10 @@ def test_a_pixel_detector_rejects_every_broken_image(corpus, clean, tmp_path):
     out = tmp_path / "run"
     seed_from(source, out, ["ingest", "chunks"])
     config = replay_config(corpus, detect={
-        "backend": "hf", "hf_model": hf_grounding_dino(tmp_path / "gd"), "device": "cpu", "gpus": 0,
-        "floor": 0.0, "input_size": 64, "batch_size": 4}, select={"min_score": 0.0})
+        "backend": "hf", "hf_model": hf_grounding_dino(tmp_path / "gd"), "floor": 0.0, "input_size": 64},
+        select={"min_score": 0.0},
+        run={"progress": False, "resources": {"chunks": {"batch_size": 4},
+                                              "detect": {"batch_size": 4, "device": "cpu", "gpus": 0}}})
     result = run_engine(corpus, out, config)
     assert result.stage("ingest").cached == GOOD_SHARDS and result.stage("chunks").cached == GOOD_SHARDS
     final, rejects = read_outcome_tables(out, fingerprints(corpus, out, config))
@@ -132,9 +134,10 @@ def test_a_pixel_detector_rejects_every_broken_image(corpus, clean, tmp_path):
 def test_different_parallelism_gives_byte_identical_shards(corpus, clean, tmp_path):
     source, _, _, fps = clean
     config = replay_config(
-        corpus, chunks={"batch_size": 3}, detect={"batch_size": 1},
-        run={"loader_cpus": 0.25, "resources": {"chunks": {"cpus": 0.5, "pool_size": 2},
-                                                "detect": {"cpus": 0.5, "pool_size": 2}}})
+        corpus,
+        run={"progress": False, "loader_cpus": 0.25,
+             "resources": {"chunks": {"cpus": 0.5, "pool_size": 2, "batch_size": 3},
+                           "detect": {"cpus": 0.5, "pool_size": 2, "batch_size": 1}}})
     out = tmp_path / "run"
     assert fingerprints(corpus, out, config) == fps  # execution knobs do not change fingerprints
     result = run_engine(corpus, out, config)
@@ -168,7 +171,8 @@ def test_driver_sigkilled_mid_detect_then_rerun_gives_identical_output(corpus, c
     control.mkdir()
     seed_from(source, out, ["ingest", "chunks"])
     address = ray_ready.get_runtime_context().gcs_address
-    killed_config = replay_config(corpus, detect={"batch_size": 1}, run={"address": address})
+    killed_config = replay_config(corpus, run={"progress": False, "address": address,
+                                               "resources": {"chunks": {"batch_size": 4}, "detect": {"batch_size": 1}}})
     spec = {"input": str(corpus.root), "output": str(out), "config": killed_config, "control": str(control),
             "after_commits": 1, "delay": 0.2}
     driver = subprocess.Popen([sys.executable, str(Path(__file__).with_name("driver.py")), json.dumps(spec)],

@@ -1,0 +1,51 @@
+"""Transient I/O errors are retried with backoff, permanent ones are not, and the final error says what
+was being done."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.retry import TransientIOError, is_transient, with_retries
+
+
+class Flaky:
+    def __init__(self, failures: int, exc: Exception):
+        self.failures, self.exc, self.calls = failures, exc, 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.exc
+        return "data"
+
+
+def test_a_transient_error_is_retried_until_it_passes():
+    waits: list[float] = []
+    fn = Flaky(2, TimeoutError("read timed out"))
+    assert with_retries(fn, what="read s3://b/x", sleep=waits.append) == "data"
+    assert fn.calls == 3 and len(waits) == 2 and waits[1] > waits[0] * 0.9
+
+
+def test_a_persistent_transient_error_names_what_was_attempted():
+    fn = Flaky(10, ConnectionResetError("peer reset"))
+    with pytest.raises(TransientIOError, match=r"read s3://b/x: ConnectionResetError.*after 3 tries"):
+        with_retries(fn, what="read s3://b/x", attempts=3, sleep=lambda s: None)
+    assert fn.calls == 3
+
+
+@pytest.mark.parametrize("exc", [FileNotFoundError("gone"), PermissionError("no"), ValueError("bad")])
+def test_permanent_errors_are_raised_at_once(exc):
+    fn = Flaky(1, exc)
+    with pytest.raises(type(exc)):
+        with_retries(fn, what="read", sleep=lambda s: None)
+    assert fn.calls == 1
+
+
+def test_object_store_throttling_is_transient():
+    class ClientError(Exception):
+        def __init__(self, code):
+            self.response = {"Error": {"Code": code}}
+
+    assert is_transient(ClientError("SlowDown")) and is_transient(ClientError("503"))
+    assert not is_transient(ClientError("NoSuchKey"))
+    assert is_transient(OSError(5, "I/O error")) and not is_transient(IsADirectoryError("dir"))
