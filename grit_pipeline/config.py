@@ -40,17 +40,18 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and what to do."""
 
 
-def _stage_resources_model() -> type[BaseModel]:
+def _stage_resources_model(stages: tuple[tuple[str, type], ...]) -> type[BaseModel]:
     """`run.resources`: one section per stage, typed by that stage's `Execution` model."""
-    fields: dict[str, Any] = {}
-    for name in STAGE_ORDER:
-        ex = stage_class(name).Execution
-        fields[name] = (ex, Field(default_factory=ex))
+    fields: dict[str, Any] = {name: (cls.Execution, Field(default_factory=cls.Execution)) for name, cls in stages}
     return create_model("StageResources", __config__=ConfigDict(extra="forbid"),
                         __doc__="Execution settings per stage (`run.resources.<stage>.<field>`).", **fields)
 
 
-StageResources = _stage_resources_model()
+def registered_stages() -> tuple[tuple[str, type], ...]:
+    return tuple((name, stage_class(name)) for name in STAGE_ORDER)
+
+
+StageResources = _stage_resources_model(registered_stages())
 
 
 class RunConfig(BaseModel):
@@ -65,9 +66,10 @@ class RunConfig(BaseModel):
     num_cpus: int | None = Field(None, ge=1)  # local Ray only
     num_gpus: int | None = Field(None, ge=0)  # local Ray only
     resources: StageResources = Field(default_factory=StageResources)  # type: ignore[valid-type]
-    loader_cpus: float = Field(0.5, gt=0)  # CPUs reserved by the tasks that read a shard's stage input
-    prepare_memory_mb: int = Field(512, ge=1)  # memory reserved per prepare task (decoded images)
-    progress: bool = True  # progress bars (ours per stage, and Ray Data's)
+    # Shards the CPU stages may run ahead of the GPU stage (beyond one per detect actor): enough that the
+    # GPU never waits for chunks, few enough that a week-long run keeps memory and disk bounded.
+    shards_ahead: int = Field(2, ge=0)
+    progress: bool = True  # progress bars, one per stage
     storage_options: dict[str, Any] = Field(default_factory=dict)  # fsspec options for the run directory
     # Environment variables (fnmatch patterns) sent to the workers of a remote cluster, e.g. credentials
     # for s3:// inputs; local Ray workers inherit the driver's environment anyway.
@@ -108,13 +110,18 @@ def parse_shard_spec(spec: str | int) -> set[int]:
 
 
 @functools.cache
-def pipeline_config_model() -> type[BaseModel]:
-    """Build the `PipelineConfig` model from the registered stages (imports each stage module once)."""
+def pipeline_config_model(stages: tuple[tuple[str, type], ...] | None = None) -> type[BaseModel]:
+    """The `PipelineConfig` model: a section per stage (its `Config`) and `run` (whose `resources` hold a
+    section per stage, its `Execution`). `stages`: (name, class) pairs in order; default the registered."""
     fields: dict[str, Any] = {}
-    for name in STAGE_ORDER:
-        cfg_cls = stage_class(name).Config
-        fields[name] = (cfg_cls, Field(default_factory=cfg_cls))
-    fields["run"] = (RunConfig, Field(default_factory=RunConfig))
+    run_model = RunConfig
+    if stages is not None and stages != registered_stages():
+        resources = _stage_resources_model(stages)
+        run_model = create_model("RunConfig", __base__=RunConfig,
+                                 resources=(resources, Field(default_factory=resources)))
+    for name, cls in stages or registered_stages():
+        fields[name] = (cls.Config, Field(default_factory=cls.Config))
+    fields["run"] = (run_model, Field(default_factory=run_model))
     return create_model(
         "PipelineConfig",
         __config__=ConfigDict(extra="forbid"),

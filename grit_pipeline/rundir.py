@@ -8,11 +8,15 @@
     <run>/grit/shard-NNNNN.parquet                  final GrIT shards (copies of compose output)
     <run>/report/summary.json                       merged stats
 
-Everything goes through fsspec, so a local path and `s3://bucket/run` behave alike. Every file is first
-written under `<run>/_tmp/` and then moved to its name (a rename on local disk; a server-side copy on
-object stores, where a finished object appears whole). A shard counts only once its `_done` marker
-exists; the marker is written last and records the size and sha256 of each file it commits. A re-run
-deletes what an interrupted one left: `<run>/_tmp/` and shard files without a marker.
+    <run>/publish/shard-NNNNN.{json,rejects.parquet,keys}  how each final shard was published
+
+Everything goes through fsspec, so a local path and `s3://bucket/run` behave alike. Every file appears
+whole or not at all: on a local or mounted disk it is written under `<run>/_tmp/` and renamed into place;
+on an object store it is one PUT (an object becomes visible only once complete). Workers write a
+stage's files for a shard (`write_shard_files`); the driver then writes the shard's `_done` marker
+(`write_marker`), last: a shard counts only once its marker exists, and the marker records the size and
+sha256 of each file it commits. A re-run deletes what an interrupted one left: `<run>/_tmp/` and shard
+files without a marker.
 
 One run directory is written by one `grit run` at a time.
 """
@@ -43,7 +47,6 @@ _SHARD_FILE = re.compile(r"^shard-(\d+)\.")
 TMP = "_tmp"
 DONE = "_done"
 FINAL = "grit"
-MANIFEST = "_manifest.json"
 
 
 def shard_name(shard: int) -> str:
@@ -108,24 +111,26 @@ class RunDir:
         return self.path(FINAL, f"{shard_name(shard)}.parquet")
 
     # --- low-level atomic writes ---------------------------------------------------------------------
+    @property
+    def renames(self) -> bool:
+        """Whether writes go through `_tmp/` + rename (local and mounted disks) rather than one PUT."""
+        protocol = self.fs.protocol
+        return bool({"file", "local"} & set(protocol if isinstance(protocol, (tuple, list)) else (protocol,)))
+
     def _tmp_name(self, path: str) -> str:
         # One `_tmp/` per run: on local disk it is on the same filesystem as every target (rename works)
         return self.path(TMP, f"{posixpath.basename(path)}.{uuid.uuid4().hex}")
 
     def put_atomic(self, path: str, data: bytes) -> None:
         """Write `data` to `path` so that readers see either nothing or all of it."""
+        if not self.renames:  # an object store: a single PUT is atomic
+            self.fs.pipe_file(path, data)
+            return
         tmp = self._tmp_name(path)
         self.fs.makedirs(self.path(TMP), exist_ok=True)
         self.fs.pipe_file(tmp, data)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self.fs.mv(tmp, path)
-
-    def copy_atomic(self, src: str, dst: str) -> None:
-        tmp = self._tmp_name(dst)
-        self.fs.makedirs(self.path(TMP), exist_ok=True)
-        self.fs.copy(src, tmp)
-        self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-        self.fs.mv(tmp, dst)
 
     def clean_tmp(self) -> None:
         """Remove `_tmp/` (files of writes that never got moved into place)."""
@@ -153,13 +158,17 @@ class RunDir:
     def exists(self, relpath: str) -> bool:
         return self.fs.exists(self.path(relpath))
 
-    def _cat_many(self, paths: Mapping[int, str]) -> dict[int, bytes]:
+    def cat_many(self, paths: Mapping[int, str]) -> dict[int, bytes]:
         """Read many small files at once (concurrently on object stores), keyed like `paths`."""
         if not paths:
             return {}
         by_path = {self.fs._strip_protocol(p): k for k, p in paths.items()}
         blobs = self.fs.cat(list(paths.values()))
         return {by_path[self.fs._strip_protocol(p)]: b for p, b in blobs.items()}
+
+    def list_names(self, relpath: str) -> list[str]:
+        """Names directly under a folder of the run (empty if it does not exist)."""
+        return self._ls_names(self.path(relpath))
 
     def _ls_names(self, path: str) -> list[str]:
         try:
@@ -184,7 +193,7 @@ class RunDir:
         shards = list(shards)
         if not shards:
             return {}
-        return {s: json.loads(b) for s, b in self._cat_many(
+        return {s: json.loads(b) for s, b in self.cat_many(
             {s: self.marker_path(stage, fp, s) for s in shards}).items()}
 
     def clean_uncommitted(self, stage: str, fp: str) -> list[str]:
@@ -203,25 +212,34 @@ class RunDir:
                 removed.append(path)
         return removed
 
+    def write_shard_files(self, stage: str, fp: str, shard: int, blobs: Mapping[str, bytes]) -> dict[str, Any]:
+        """Write a shard's files (`{suffix: bytes}`, e.g. "parquet", "rejects.parquet", "stats.json"), each
+        atomically; returns what the marker records of them (size and sha256 of the Parquet files)."""
+        for suffix, data in blobs.items():
+            self.put_atomic(self.shard_path(stage, fp, shard, suffix), data)
+        return {f"{shard_name(shard)}.{suffix}": {"size": len(data), "sha256": sha256(data)}
+                for suffix, data in blobs.items() if suffix.endswith("parquet")}
+
+    def write_marker(self, stage: str, fp: str, shard: int, marker: Mapping[str, Any]) -> None:
+        """Commit a shard whose files are written: its `_done` marker, the last thing written."""
+        self.put_atomic(self.marker_path(stage, fp, shard), json_bytes(dict(marker)))
+
     def commit_shard(self, stage: str, fp: str, shard: int, files: ShardFiles) -> dict[str, Any]:
-        """Write a shard's output, rejects and stats, then its `_done` marker (the commit point)."""
+        """Write a shard's output, rejects and stats, then its `_done` marker (files and commit in one call)."""
         blobs = {
             "parquet": parquet_bytes(files.output),
             "rejects.parquet": parquet_bytes(files.rejects),
             "stats.json": json_bytes(dict(files.stats)),
         }
-        for suffix, data in blobs.items():
-            self.put_atomic(self.shard_path(stage, fp, shard, suffix), data)
         marker = {
             "stage": stage,
             "fingerprint": fp,
             "shard": shard,
             "rows": files.output.num_rows,
             "rejects": files.rejects.num_rows,
-            "files": {f"{shard_name(shard)}.{suffix}": {"size": len(data), "sha256": sha256(data)}
-                      for suffix, data in blobs.items() if suffix != "stats.json"},
+            "files": self.write_shard_files(stage, fp, shard, blobs),
         }
-        self.put_atomic(self.marker_path(stage, fp, shard), json_bytes(marker))
+        self.write_marker(stage, fp, shard, marker)
         return marker
 
     def read_table(self, stage: str, fp: str, shard: int, suffix: str = "parquet",
@@ -235,7 +253,7 @@ class RunDir:
         shards = list(shards)
         if not shards:
             return {}
-        return {s: json.loads(b) for s, b in self._cat_many(
+        return {s: json.loads(b) for s, b in self.cat_many(
             {s: self.shard_path(stage, fp, s, "stats.json") for s in shards}).items()}
 
     # --- final shards --------------------------------------------------------------------------------
@@ -246,33 +264,3 @@ class RunDir:
             if m:
                 out.append(int(m.group(1)))
         return sorted(out)
-
-    def publish_final(self, compose_fp: str, shards: Iterable[int], stage: str = "compose",
-                      ) -> tuple[list[int], list[int]]:
-        """Make `grit/` hold exactly the committed shards of the last stage (`compose`) under `compose_fp`.
-
-        A shard is copied when its bytes differ from what `grit/` holds (tracked by sha256 in
-        `grit/_manifest.json`); a final shard with no committed output under `compose_fp` is stale
-        (another config) and is removed. Returns (copied, removed)."""
-        shards = sorted(shards)
-        manifest_path = self.path(FINAL, MANIFEST)
-        manifest: dict[str, str] = {}
-        if self.fs.exists(manifest_path):
-            manifest = json.loads(self.read_bytes(manifest_path)).get("shards", {})
-        markers = self.markers(stage, compose_fp, shards)
-        present = set(self.final_shards())
-        copied: list[int] = []
-        new_manifest: dict[str, str] = {}
-        for shard in shards:
-            digest = markers[shard]["files"][f"{shard_name(shard)}.parquet"]["sha256"]
-            name = shard_name(shard)
-            if manifest.get(name) != digest or shard not in present:
-                self.copy_atomic(self.shard_path(stage, compose_fp, shard), self.final_path(shard))
-                copied.append(shard)
-            new_manifest[name] = digest
-        removed = sorted(present - set(shards))
-        for shard in removed:
-            self.fs.rm(self.final_path(shard))
-        if copied or removed or new_manifest != manifest:
-            self.put_atomic(manifest_path, json_bytes({"compose_fingerprint": compose_fp, "shards": new_manifest}))
-        return copied, removed

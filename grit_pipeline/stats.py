@@ -29,6 +29,7 @@ class ShardStats(BaseModel):
     rejects: dict[str, int] = Field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    counters: dict[str, int] = Field(default_factory=dict)  # stage-specific counts (StageResult.counters)
 
     @model_validator(mode="after")
     def _balanced(self) -> ShardStats:
@@ -56,10 +57,11 @@ def reject_counts(rejects: pa.Table) -> dict[str, int]:
 
 
 def shard_stats(stage: str, shard: int, fingerprint: str, rows_in: int, output: pa.Table,
-                rejects: pa.Table, seconds: float = 0.0, peak_rss_mb: float = 0.0) -> ShardStats:
+                rejects: pa.Table, seconds: float = 0.0, peak_rss_mb: float = 0.0,
+                counters: Mapping[str, int] | None = None) -> ShardStats:
     return ShardStats(stage=stage, shard=shard, fingerprint=fingerprint, rows_in=rows_in,
                       rows_out=output.num_rows, rejects=reject_counts(rejects), seconds=seconds,
-                      peak_rss_mb=peak_rss_mb)
+                      peak_rss_mb=peak_rss_mb, counters=dict(sorted((counters or {}).items())))
 
 
 def merge(stage_order: Sequence[str], per_stage: Mapping[str, Iterable[Mapping[str, Any]]],

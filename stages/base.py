@@ -52,6 +52,15 @@ class ActorExecution(Execution):
     batch_size: int = Field(1000, ge=1, description="Rows per `process_batch` call.")
 
 
+class PreparedExecution(ActorExecution):
+    """Execution of an actor stage with a CPU `prepare_batch` (detect: image reading and decoding) that
+    runs in tasks ahead of the actors."""
+
+    queued_batches: int = Field(
+        2, ge=1, description="Prepared batches waiting per actor: enough that the actors never wait on the "
+        "prepare step, few enough that prepared data (decoded pixels) stays bounded in memory.")
+
+
 class Resources(BaseModel):
     """What the engine schedules for one stage, derived from its `Execution`."""
 
@@ -68,6 +77,7 @@ class Resources(BaseModel):
 class StageResult:
     output: pa.Table
     rejects: pa.Table
+    counters: dict[str, int] = field(default_factory=dict)  # e.g. rows a stage changed; summed in the stats
 
 
 @dataclass

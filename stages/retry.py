@@ -11,6 +11,7 @@ permission refused, a path that is a folder) are never retried: they are re-rais
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import time
@@ -24,7 +25,10 @@ T = TypeVar("T")
 ATTEMPTS = 4  # tries in all; with BASE_DELAY 0.5 s the waits are about 0.5, 1 and 2 s
 BASE_DELAY = 0.5
 MAX_DELAY = 8.0
-PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+# OSErrors that waiting does not cure: a full disk or quota, a read-only filesystem, a bad name
+PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
+                              errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EINVAL, errno.ENAMETOOLONG})
 # Names of exception types (without importing botocore/aiohttp here) that object stores raise transiently.
 TRANSIENT_NAMES = frozenset({
     "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
@@ -40,7 +44,7 @@ class TransientIOError(OSError):
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: timeouts, connection drops, throttling, other non-permanent OSErrors."""
-    if isinstance(exc, PERMANENT):
+    if isinstance(exc, PERMANENT) or (isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS):
         return False
     if isinstance(exc, TransientIOError):
         return False  # already retried

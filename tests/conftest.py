@@ -39,13 +39,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray for the session (2 CPUs, no dashboard), shut down at the end."""
+def ray_local(tmp_path_factory):
+    """A local Ray for the session (2 CPUs, no dashboard), shut down at the end. Its workers register the
+    misbehaving test filesystems (`testfs`), whose fault rules live in a session folder."""
     import ray
+    import testfs
 
+    os.environ[testfs.FLAKY_DIR_ENV] = str(tmp_path_factory.mktemp("flaky-rules"))
+    testfs.register()
+    here = os.path.dirname(os.path.abspath(__file__))  # workers import `testfs` from tests/
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"worker_process_setup_hook": "testfs.register", "env_vars": {"PYTHONPATH": path}})
         started = True
     yield ray
     if started:

@@ -23,9 +23,9 @@ from PIL import Image
 from schemas.tables import CHUNK_TYPE, DETECT_SCHEMA, INGEST_FIELDS, REJECT_SCHEMA
 from stages.base import Stage
 from stages.detect import DetectConfig, DetectStage
-from stages.detectors.config import DetectExecution
 from stages.detectors import tiny
 from stages.detectors.batching import autocast_dtype
+from stages.detectors.config import DetectExecution
 from stages.registry import stage_class
 
 CAPTION = "a dog in a field of flowers"

@@ -22,10 +22,10 @@ from PIL import Image
 
 from schemas.tables import CHUNK_TYPE, DETECT_SCHEMA
 from stages.detect import DetectConfig, DetectStage
-from stages.detectors.config import DetectExecution
 from stages.detectors import tiny
 from stages.detectors.base import ChunkPrompt, ImageInput
 from stages.detectors.batching import pad_images
+from stages.detectors.config import DetectExecution
 from stages.detectors.grounding import TokenGroundingDetector
 from stages.detectors.groundingdino_official import fix_text_mask_order
 from stages.detectors.hf import HFOwlv2, hf_post_process, load_hf_detector

@@ -11,8 +11,8 @@ import pytest
 
 from schemas.tables import CHUNK_TYPE, DETECT_SCHEMA
 from stages.detect import DetectConfig, DetectStage
-from stages.detectors.config import DetectExecution
 from stages.detectors.base import ChunkPrompt, ImageInput
+from stages.detectors.config import DetectExecution
 from stages.detectors.replay import REPLAY_SCHEMA, ReplayDetector, box_ids_from_corners, check_entries
 
 CAPTION = "a dog in a field of flowers"

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,11 @@ import pytest
 from grit_pipeline.api import run_pipeline
 from grit_pipeline.config import load_config
 from grit_pipeline.engine import build_plan, execute
+from grit_pipeline.plan import config_for
 from grit_pipeline.stage_io import join_upstream
 from grit_pipeline.validate import validate_run
 from schemas.tables import REJECT_SCHEMA
-from stages.base import Resources, Stage, StageConfig, StageResult
+from stages.base import PreparedExecution, Stage, StageConfig, StageResult
 from stages.registry import STAGE_ORDER, stage_class
 
 pytestmark = pytest.mark.ray
@@ -214,6 +216,37 @@ def test_sigkill_of_the_driver_then_rerun_resumes(pipeline_run, synthetic_input,
 
 
 
+def test_transient_read_errors_are_retried_and_the_shard_succeeds(pipeline_run, synthetic_input,
+                                                                   replay_overrides, tmp_path):
+    """Reads through `flaky://` fail once where the rules say (the source metadata of shard 1, then the
+    chunks output of shard 2 when detect reads it); the run retries them and ends as a clean run does."""
+    import testfs
+
+    _, baseline = pipeline_run
+    source_hits = testfs.add_flaky_rule("source-1", "/00001.parquet", failures=1)
+    upstream_hits = testfs.add_flaky_rule("chunks-2", "/stages/chunks/", failures=1)
+    result = run_pipeline(None, input=f"flaky://{synthetic_input.root}", output=f"flaky://{tmp_path}/run",
+                          overrides=replay_overrides)
+    assert result.ok, result.failures
+    assert len(source_hits.read_text().splitlines()) == 1 and len(upstream_hits.read_text().splitlines()) == 1
+    for name in final_bytes(baseline):
+        assert pq.read_table(tmp_path / "run" / "grit" / name).equals(pq.read_table(baseline / "grit" / name))
+
+
+def test_a_persistent_read_error_fails_the_shard_naming_stage_and_file(pipeline_run, synthetic_input,
+                                                                       replay_overrides, tmp_path):
+    import testfs
+
+    testfs.add_flaky_rule("source-2-always", "/00002.parquet", failures=50)
+    result = run_pipeline(None, input=f"flaky://{synthetic_input.root}", output=str(tmp_path / "run"),
+                          overrides=replay_overrides)
+    [failure] = result.failures
+    assert (failure.stage, failure.shard) == ("ingest", 2)
+    assert "00002.parquet" in failure.message and "ConnectionResetError" in failure.message
+    assert "after 4 tries" in failure.message
+    assert result.final_shards == [0, 1, 3]
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """Stop what is left of the process group we started (Ray's helpers die with the driver anyway)."""
     try:
@@ -228,6 +261,12 @@ class FakeSource(StageConfig):
     pass
 
 
+@dataclass(frozen=True)
+class FakeShard:
+    index: int
+    uri: str
+
+
 class FakeIngest(Stage[FakeSource]):
     """Source stage over a folder of `NNNNN.txt` files, one caption per line."""
 
@@ -237,9 +276,7 @@ class FakeIngest(Stage[FakeSource]):
     output_schema = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("caption", pa.string())])
 
     def discover(self, uri: str):
-        from types import SimpleNamespace
-
-        return [SimpleNamespace(index=int(p.stem), uri=str(p)) for p in sorted(Path(uri).glob("*.txt"))]
+        return [FakeShard(index=int(p.stem), uri=str(p)) for p in sorted(Path(uri).glob("*.txt"))]
 
     def read(self, shard) -> pa.Table:
         lines = Path(shard.uri).read_text().splitlines()
@@ -250,6 +287,11 @@ class FakeIngest(Stage[FakeSource]):
 
 
 class PidsConfig(StageConfig):
+    pass
+
+
+class PidsExecution(PreparedExecution):
+    batch_size: int = 2
     fault_file: str = ""  # while this file exists, a caption equal to its content makes the stage raise
 
 
@@ -259,14 +301,10 @@ class PidsStage(Stage[PidsConfig]):
     name = "pids"
     version = 1
     Config = PidsConfig
+    Execution = PidsExecution
     output_schema = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("prep_pid", pa.int64()),
                                pa.field("proc_pid", pa.int64()), pa.field("setups", pa.int64())])
-    fingerprint_exclude = ("fault_file",)
     setups = 0
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(cpus=1, actor=True, batch_size=2, pool_size=1)
 
     def setup(self) -> None:
         PidsStage.setups += 1
@@ -276,8 +314,8 @@ class PidsStage(Stage[PidsConfig]):
                            REJECT_SCHEMA.empty_table())
 
     def process_batch(self, table: pa.Table) -> StageResult:
-        fault = Path(self.config.fault_file)
-        if self.config.fault_file and fault.exists() and fault.read_text() in table["caption"].to_pylist():
+        fault = Path(self.execution.fault_file)
+        if self.execution.fault_file and fault.exists() and fault.read_text() in table["caption"].to_pylist():
             raise ValueError("injected fault")
         n = table.num_rows
         return StageResult(pa.table({"key": table["key"], "prep_pid": table["prep_pid"],
@@ -303,11 +341,7 @@ def fake_input(tmp_path, ray_local):
 
 
 def _fake_config(**pids):
-    from types import SimpleNamespace
-
-    from grit_pipeline.config import RunConfig
-
-    return SimpleNamespace(src=FakeSource(), pids=PidsConfig(**pids), run=RunConfig(progress=False))
+    return config_for(FAKE_STAGES, run={"progress": False, "resources": {"pids": pids}})
 
 
 def test_prepare_runs_in_cpu_tasks_ahead_of_an_actor_set_up_once(fake_input, tmp_path):

@@ -3,7 +3,6 @@ byte-deterministic Parquet, and the final `grit/` shards (no Ray)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from grit_pipeline.publish import KeyIndex, Publisher, key_hashes, remove_stale
 from grit_pipeline.rundir import RunDir, ShardFiles, parquet_bytes, sha256
 from schemas.tables import GRIT_SCHEMA, REJECT_SCHEMA, SELECT_SCHEMA
 
@@ -77,28 +77,67 @@ def test_parquet_bytes_are_deterministic_across_processes(tmp_path):
     assert pq.read_table(pa.BufferReader(here)).equals(table)
 
 
-def test_publish_final_copies_skips_unchanged_and_removes_stale(tmp_path):
+def _grit_rows(keys: list[str]) -> pa.Table:
+    return pa.Table.from_pylist([{"key": k, "url": None, "caption": "a dog", "width": 4, "height": 4,
+                                  "noun_chunks": [[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]],
+                                  "ref_exps": [[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]],
+                                  "grounded_caption": "g", "markdown_caption": "m"} for k in keys], schema=GRIT_SCHEMA)
+
+
+def _publish_all(run: RunDir, fp: str, shards: list[int]) -> list:
+    publisher = Publisher(run, "compose", fp, {b"grit_pipeline": b'{"v": 1}'})
+    return [publisher.publish(s) for s in shards]
+
+
+def test_publisher_keeps_the_first_of_duplicate_keys_by_shard_order(tmp_path):
     run = RunDir(str(tmp_path / "run"))
-    empty = GRIT_SCHEMA.empty_table()
-    row = pa.Table.from_pylist([{"key": "a", "url": None, "caption": "a dog", "width": 4, "height": 4,
-                                 "noun_chunks": [[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]],
-                                 "ref_exps": [[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]],
-                                 "grounded_caption": "g", "markdown_caption": "m"}], schema=GRIT_SCHEMA)
-    for shard, table in ((0, row), (1, empty)):
-        run.commit_shard("compose", "fpA", shard, ShardFiles(table, _rejects([]), {}))
-    copied, removed = run.publish_final("fpA", [0, 1])
-    assert (copied, removed) == ([0, 1], [])
-    final = tmp_path / "run" / "grit" / "shard-00000.parquet"
-    assert final.read_bytes() == (tmp_path / "run/stages/compose/fpA/shard-00000.parquet").read_bytes()
-    mtime = final.stat().st_mtime_ns
-    assert run.publish_final("fpA", [0, 1]) == ([], [])  # same bytes: nothing rewritten
-    assert final.stat().st_mtime_ns == mtime
-    # a new config committed only shard 0: shard 1's final file is stale
-    run.commit_shard("compose", "fpB", 0, ShardFiles(empty, _rejects([]), {}))
-    assert run.publish_final("fpB", [0]) == ([0], [1])
-    assert run.final_shards() == [0]
-    manifest = json.loads((tmp_path / "run" / "grit" / "_manifest.json").read_text())
-    assert manifest["compose_fingerprint"] == "fpB" and list(manifest["shards"]) == ["shard-00000"]
+    for shard, keys in ((0, ["a", "b"]), (1, []), (2, ["c", "a", "d"]), (3, ["b", "c", "e"])):
+        run.commit_shard("compose", "fpA", shard, ShardFiles(_grit_rows(keys), _rejects([]), {}))
+    reports = _publish_all(run, "fpA", [0, 1, 2, 3])
+    assert [(r.rows_in, r.rows_out, r.duplicates, r.reused) for r in reports] == [
+        (2, 2, 0, False), (0, 0, 0, False), (3, 2, 1, False), (3, 1, 2, False)]
+    final = {s: pq.read_table(run.final_path(s))["key"].to_pylist() for s in range(4)}
+    assert final == {0: ["a", "b"], 1: [], 2: ["c", "d"], 3: ["e"]}
+    rejects = pq.read_table(run.path("publish", "shard-00003.rejects.parquet")).to_pylist()
+    assert rejects == [
+        {"key": "b", "stage": "publish", "reason": "duplicate_key", "detail": "key also in shard-00000, which is kept"},
+        {"key": "c", "stage": "publish", "reason": "duplicate_key", "detail": "key also in shard-00002, which is kept"}]
+    assert pq.read_schema(run.final_path(0)).metadata[b"grit_pipeline"] == b'{"v": 1}'
+    # the same inputs again: every final file is kept as it is
+    before = {s: (tmp_path / f"run/grit/shard-{s:05d}.parquet").stat().st_mtime_ns for s in range(4)}
+    assert all(r.reused for r in _publish_all(run, "fpA", [0, 1, 2, 3]))
+    assert before == {s: (tmp_path / f"run/grit/shard-{s:05d}.parquet").stat().st_mtime_ns for s in range(4)}
+
+
+def test_a_lower_shard_published_late_republishes_the_shards_above_it(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    for shard, keys in ((0, ["a"]), (2, ["b", "c"]), (3, ["d"])):
+        run.commit_shard("compose", "fpA", shard, ShardFiles(_grit_rows(keys), _rejects([]), {}))
+    _publish_all(run, "fpA", [0, 2, 3])
+    run.commit_shard("compose", "fpA", 1, ShardFiles(_grit_rows(["c"]), _rejects([]), {}))  # shard 1 came late
+    reports = _publish_all(run, "fpA", [0, 1, 2, 3])
+    assert [r.reused for r in reports] == [True, False, False, False]
+    assert pq.read_table(run.final_path(2))["key"].to_pylist() == ["b"]  # c now belongs to shard 1
+    assert remove_stale(run, [0, 1, 2]) == [3]
+    assert run.final_shards() == [0, 1, 2] and not (tmp_path / "run/publish/shard-00003.json").exists()
+
+
+def test_publishing_out_of_order_is_refused(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    for shard in (0, 1):
+        run.commit_shard("compose", "fpA", shard, ShardFiles(_grit_rows([f"k{shard}"]), _rejects([]), {}))
+    publisher = Publisher(run, "compose", "fpA", {})
+    publisher.publish(1)
+    with pytest.raises(ValueError, match="in order"):
+        publisher.publish(0)
+
+
+def test_key_index_lookups_after_many_appends():
+    index = KeyIndex()
+    for shard in range(30):
+        index.add(key_hashes([f"{shard}-{i}" for i in range(5000)]), shard)
+    got = index.lookup(key_hashes(["0-0", "29-4999", "17-123", "nope"]))
+    assert got.tolist() == [0, 29, 17, -1] and len(index) == 150_000
 
 
 def test_object_store_semantics_on_memory_fs():

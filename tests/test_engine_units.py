@@ -1,26 +1,31 @@
-"""Engine mechanics without Ray: joining upstream outputs, the output contract, row accounting, the worker
-envelopes (errors name stage, shard file and key), prepare rejects, shard assembly, stats balance."""
+"""Engine mechanics without Ray: joining upstream outputs, the output contract, row accounting, the
+worker side (errors name stage, shard, file and key; prepare rejects travel to the process step; a
+shard's parts are written in row order and every row must come back once), stats balance, placement."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from grit_pipeline.engine import ShardAssembler
+from grit_pipeline.ray_runtime import fit_cluster
 from grit_pipeline.rundir import RunDir
-from grit_pipeline.stage_io import StageOutputError, account_rows, conform_output, join_upstream
-from grit_pipeline.stats import ShardStats, merge
-from grit_pipeline.workers import (
-    StageRuntime,
-    envelope,
-    from_ipc,
-    prepare_rows,
-    run_rows,
-    tag_rows,
+from grit_pipeline.shard_work import (
+    ShardFailed,
+    StageSpec,
+    prepare_part,
+    process_part,
+    process_rows,
+    run_shard,
+    with_rows,
+    write_part_results,
 )
+from grit_pipeline.stats import ShardStats, merge
 from schemas.tables import INGEST_SCHEMA
-from stages.base import Resources, Stage, StageConfig, StageResult
+from stages.base import Execution, Resources, Stage, StageConfig, StageResult
 
 UPPER_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("upper", pa.string())])
 
@@ -36,6 +41,7 @@ class UpperStage(Stage[UpperConfig]):
     name = "upper"
     version = 1
     Config = UpperConfig
+    Execution = Execution
     output_schema = UPPER_SCHEMA
 
     def prepare_batch(self, table: pa.Table) -> StageResult:
@@ -76,114 +82,105 @@ def _ingest(keys, captions, extra=None) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=pa.schema(fields))
 
 
-def _rt(tmp_path, **cfg) -> StageRuntime:
-    return StageRuntime(name="upper", cls=UpperStage, config=UpperConfig(**cfg), fingerprint="fp",
-                        resources=UpperStage().resources, rundir=RunDir(str(tmp_path)),
-                        upstream=(("ingest", "fp0"),), has_prepare=True)
+def _spec(tmp_path, batch_rows=None, **cfg) -> StageSpec:
+    return StageSpec(name="upper", cls=UpperStage, config=UpperConfig(**cfg), execution=Execution(),
+                     fingerprint="fp", rundir=RunDir(str(tmp_path)), upstream=(("ingest", "fp0"),),
+                     batch_rows=batch_rows)
 
 
-def test_join_upstream_keeps_previous_stage_rows_and_order():
-    ingest = _ingest(["a", "b", "c"], ["cap a", "cap b", "cap c"], {"clip": [0.1, 0.2, 0.3]})
-    prev = pa.table({"key": ["c", "a"], "upper": ["CAP C", "CAP A"]})
-    joined = join_upstream(["ingest", "upper"], [ingest, prev])
-    assert joined["key"].to_pylist() == ["c", "a"]
-    assert joined.column_names == ["key", *INGEST_SCHEMA.names[1:], "clip", "upper"]
-    assert joined["clip"].to_pylist() == [0.3, 0.1]
-    with pytest.raises(StageOutputError, match="'z'"):
-        join_upstream(["ingest", "upper"], [ingest, pa.table({"key": ["z"], "upper": ["Z"]})])
+def _input(captions) -> pa.Table:
+    return _ingest([f"k{i}" for i in range(len(captions))], captions)
 
 
-def test_conform_output_enforces_the_stage_contract():
-    good = pa.table({"key": ["a"], "upper": ["A"]})
-    assert conform_output("upper", good, UPPER_SCHEMA).schema == UPPER_SCHEMA
-    with pytest.raises(StageOutputError, match=r"unexpected column\(s\) \['caption'\]"):
-        conform_output("upper", good.append_column("caption", pa.array(["a"])), UPPER_SCHEMA)
-    with pytest.raises(StageOutputError, match="lacks column"):
-        conform_output("upper", good.select(["key"]), UPPER_SCHEMA)
-    with pytest.raises(StageOutputError, match="null 'key'"):
-        conform_output("upper", pa.table({"key": pa.array([None], pa.string()), "upper": ["A"]}), UPPER_SCHEMA)
-    # passthrough columns are allowed where the caller says so, after the schema's fields
-    out = conform_output("upper", pa.table({"clip": [0.5], "upper": ["A"], "key": ["a"]}), UPPER_SCHEMA,
-                         allowed_extra=["clip"])
-    assert out.column_names == ["key", "upper", "clip"]
+def _committed_input(tmp_path, captions, shard=4) -> None:
+    from grit_pipeline.rundir import ShardFiles
+    from schemas.tables import REJECT_SCHEMA
+
+    RunDir(str(tmp_path)).commit_shard("ingest", "fp0", shard, ShardFiles(_input(captions),
+                                                                         REJECT_SCHEMA.empty_table(), {}))
 
 
-def test_account_rows_names_the_key_that_breaks_in_equals_out_plus_rejects():
-    keys = pa.array(["a", "b", "c"])
-    out = pa.table({"key": ["c", "a"]})
-    rej = pa.table({"key": ["b"]})
-    out_idx, rej_idx = account_rows("s", keys, out, rej)
-    assert out_idx.tolist() == [2, 0] and rej_idx.tolist() == [1]
-    with pytest.raises(StageOutputError, match="1 input row.*'b'"):
-        account_rows("s", keys, out, pa.table({"key": pa.array([], pa.string())}))
-    with pytest.raises(StageOutputError, match="'a' more than once"):
-        account_rows("s", keys, pa.table({"key": ["a", "c"]}), pa.table({"key": ["a", "b"]}))
-    with pytest.raises(StageOutputError, match="'zz' that is not in its input"):
-        account_rows("s", keys, pa.table({"key": ["zz"]}), rej)
-
-
-def _tagged(captions, shard=4):
-    keys = [f"k{i}" for i in range(len(captions))]
-    return tag_rows(_ingest(keys, captions), shard)
-
-
-def test_run_rows_reports_outputs_and_rejects_with_their_rows(tmp_path):
-    rt = _rt(tmp_path)
-    env = run_rows(rt, UpperStage(rt.config), 4, _tagged(["a dog", "x ray", "a cat"]).slice(0, 3))
-    assert env["error"] is None and (env["shard"], env["total"], env["rows"]) == (4, 3, 3)
-    out, rej = from_ipc(env["output"]), from_ipc(env["rejects"])
-    assert out.to_pydict() == {"key": ["k0", "k2"], "upper": ["A DOG", "A CAT"], "__row": [0, 2]}
+def test_process_rows_returns_outputs_and_rejects_with_their_rows(tmp_path):
+    spec = _spec(tmp_path)
+    out, rej, _ = process_rows(spec, UpperStage(spec.config), 4, _input(["a dog", "x ray", "a cat"]),
+                               np.array([10, 11, 12]))
+    assert out.to_pydict() == {"key": ["k0", "k2"], "upper": ["A DOG", "A CAT"], "__row": [10, 12]}
     assert rej.select(["key", "reason", "__row"]).to_pydict() == {
-        "key": ["k1"], "reason": ["no_chunks"], "__row": [1]}
+        "key": ["k1"], "reason": ["no_chunks"], "__row": [11]}
 
 
 def test_failing_batch_names_stage_shard_file_and_key(tmp_path):
-    rt = _rt(tmp_path, fail_on="a cat")
-    env = run_rows(rt, UpperStage(rt.config), 4, _tagged(["a dog", "a cat", "a cow"]))
-    assert env["output"] is None and env["rows"] == 3
-    msg = env["error"]
+    spec = _spec(tmp_path, fail_on="a cat")
+    with pytest.raises(ShardFailed) as err:
+        process_rows(spec, UpperStage(spec.config), 4, _input(["a dog", "a cat", "a cow"]), np.arange(3))
+    msg = str(err.value)
     assert "stage 'upper' failed on shard 4" in msg
     assert "stages/ingest/fp0/shard-00004.parquet" in msg  # the shard's input file
     assert "at key 'k1'" in msg and "cannot handle 'a cat'" in msg
 
 
 def test_a_stage_that_loses_a_row_fails_the_shard(tmp_path):
-    rt = _rt(tmp_path, lose="k2")
-    env = run_rows(rt, UpperStage(rt.config), 4, _tagged(["a", "b", "c"]))
-    assert "neither output nor rejected 1 input row(s), first key 'k2'" in env["error"]
+    spec = _spec(tmp_path, lose="k2")
+    with pytest.raises(ShardFailed, match="neither output nor rejected 1 input row.*first key 'k2'"):
+        process_rows(spec, UpperStage(spec.config), 4, _input(["a", "b", "c"]), np.arange(3))
 
 
 def test_prepare_rejects_travel_to_the_process_step(tmp_path):
-    rt = _rt(tmp_path)
-    batch = pa.concat_tables([_tagged(["a dog", "bad image"], shard=1), _tagged(["bad", "a cow"], shard=2)])
-    prepared = prepare_rows(batch, rt)
-    assert prepared.num_rows == 4 and prepared["__reason"].null_count == 2
-    envs = [run_rows(rt, UpperStage(), s, prepared.filter(pa.compute.equal(prepared["__shard"], s)))
-            for s in (1, 2)]
-    for env in envs:
-        assert env["error"] is None and env["rows"] == 2
-    assert from_ipc(envs[0]["rejects"]).select(["key", "stage", "reason", "__row"]).to_pylist() == [
-        {"key": "k1", "stage": "upper", "reason": "image_unreadable", "__row": 1}]
-    assert from_ipc(envs[1]["output"]).to_pydict() == {"key": ["k1"], "upper": ["A COW"], "__row": [1]}
+    spec = _spec(tmp_path)
+    stage = UpperStage()
+    part = with_rows(_input(["a dog", "bad image", "a cow"]), np.array([3, 4, 5]))
+    prepared = prepare_part(spec, stage, 1, part)
+    assert prepared.num_rows == 3 and prepared["__reason"].null_count == 2
+    out, rej, _ = process_part(spec, stage, 1, prepared)
+    assert out.to_pydict() == {"key": ["k0", "k2"], "upper": ["A DOG", "A COW"], "__row": [3, 5]}
+    assert rej.select(["key", "stage", "reason", "__row"]).to_pylist() == [
+        {"key": "k1", "stage": "upper", "reason": "image_unreadable", "__row": 4}]
 
 
-def _env(shard, total, rows, out_rows, rej_rows=(), error=None):
-    out = pa.table({"key": [f"k{r}" for r in out_rows], "__row": pa.array(out_rows, pa.int64())})
-    rej = pa.table({"key": [f"k{r}" for r in rej_rows], "__row": pa.array(list(rej_rows), pa.int64())})
-    return envelope(shard, total, rows, output=out, rejects=rej, error=error)
+def test_parts_are_written_in_row_order_whatever_order_they_come_in(tmp_path):
+    spec = _spec(tmp_path)
+    stage = UpperStage()
+    captions = ["a dog", "x ray", "bad", "a cat", "a cow"]
+    parts = [process_part(spec, stage, 2, prepare_part(spec, stage, 2, with_rows(_input(captions).slice(i, 2),
+                                                                                np.arange(i, min(i + 2, 5)))))
+             for i in (0, 2, 4)]
+    forward = write_part_results(spec, 2, 5, parts)
+    first = (tmp_path / "stages/upper/fp/shard-00002.parquet").read_bytes()
+    backward = write_part_results(spec, 2, 5, parts[::-1])
+    assert (tmp_path / "stages/upper/fp/shard-00002.parquet").read_bytes() == first
+    assert forward.files == backward.files and forward.rows_out == 3
+    assert forward.rejects == {"image_unreadable": 1, "no_chunks": 1}
+    assert pq.read_table(tmp_path / "stages/upper/fp/shard-00002.parquet")["key"].to_pylist() == ["k0", "k3", "k4"]
+    assert not (tmp_path / "stages/upper/fp/_done").exists()  # the driver commits, not the worker
+    stats = json.loads((tmp_path / "stages/upper/fp/shard-00002.stats.json").read_text())
+    assert stats["rows_in"] == 5 and stats["rows_out"] == 3
+    marker = forward.marker()
+    assert marker["rows"] == 3 and marker["rejects"] == 2
+    data = (tmp_path / "stages/upper/fp/shard-00002.parquet").read_bytes()
+    assert marker["files"]["shard-00002.parquet"]["size"] == len(data)
 
 
-def test_assembler_completes_shards_once_and_drops_replayed_rows():
-    asm = ShardAssembler("s")
-    assert asm.add(_env(0, 4, 2, [0], [1]))[1] is None
-    assert asm.add(_env(0, 4, 2, [0], [1]))[1] is None  # a retried call delivers rows 0-1 again
-    shard, done, err = asm.add(_env(0, 4, 2, [3], [2]))
-    assert shard == 0 and err is None
-    assert sorted(np.concatenate([t["__row"].to_numpy() for t in done.outputs]).tolist()) == [0, 3]
-    assert sum(t.num_rows for t in done.rejects) == 2
-    _, done, err = asm.add(_env(1, 3, 3, [], error="boom"))
-    assert done is None and err == "boom"
-    assert asm.add(_env(1, 3, 3, [0, 1, 2]))[1] is None  # envelopes of a failed shard are ignored
+def test_a_part_missing_or_delivered_twice_fails_the_shard(tmp_path):
+    spec = _spec(tmp_path)
+    stage = UpperStage()
+    parts = [process_part(spec, stage, 2, prepare_part(spec, stage, 2, with_rows(_input(["a", "b", "c", "d"]).slice(i, 2),
+                                                                                np.arange(i, i + 2))))
+             for i in (0, 2)]
+    with pytest.raises(ShardFailed, match="input row 2 came back 0 times"):
+        write_part_results(spec, 2, 4, parts[:1])
+    with pytest.raises(ShardFailed, match="input row 0 came back 2 times"):
+        write_part_results(spec, 2, 4, [parts[0], parts[0], parts[1]])
+
+
+def test_run_shard_reads_the_committed_input_in_batches(tmp_path):
+    _committed_input(tmp_path, ["a dog", "x ray", "a cat", "a cow", "x"], shard=4)
+    spec = _spec(tmp_path, batch_rows=2)
+    report = run_shard(spec, UpperStage(spec.config), 4)
+    assert (report.rows_in, report.rows_out, report.rejects) == (5, 3, {"no_chunks": 2})
+    assert pq.read_table(tmp_path / "stages/upper/fp/shard-00004.parquet")["upper"].to_pylist() == [
+        "A DOG", "A CAT", "A COW"]
+    with pytest.raises(ShardFailed, match=r"stage 'upper' failed on shard 9 .*shard-00009"):
+        run_shard(spec, UpperStage(spec.config), 9)  # no committed input
 
 
 def test_stats_balance_and_funnel():
@@ -202,28 +199,29 @@ def test_stats_balance_and_funnel():
 
 
 @pytest.mark.parametrize("cluster, asked, expected", [
-    ({"CPU": 2}, Resources(cpus=1, actor=True, pool_size=1), (1, 1.0, 0.5, 1.0)),
-    ({"CPU": 2}, Resources(cpus=1, actor=True, pool_size=4), (1, 1.0, 0.5, 1.0)),  # pool shrinks
-    ({"CPU": 1}, Resources(cpus=1, actor=True, pool_size=1), (1, 0.5, 0.5, 0.5)),  # one-CPU machine
-    ({"CPU": 16, "GPU": 2}, Resources(cpus=1, gpus=1, actor=True, pool_size=4), (2, 1.0, 0.5, 1.0)),
-    ({"CPU": 16}, Resources(cpus=1), (0, 1.0, 0.5, 1.0)),  # tasks
+    # (pool, CPUs per actor) of each actor stage, then task slots and CPUs per task
+    ({"CPU": 2}, {"a": Resources(cpus=1, actor=True), "b": Resources(cpus=1, actor=True)},
+     ({"a": (1, 0.5), "b": (1, 0.5)}, 1, 1.0)),
+    ({"CPU": 2}, {"a": Resources(cpus=1, actor=True, pool_size=4)}, ({"a": (1, 1.0)}, 1, 1.0)),  # pool shrinks
+    ({"CPU": 1}, {"a": Resources(cpus=1, actor=True)}, ({"a": (1, 0.5)}, 1, 0.5)),  # one-CPU machine
+    # two 1-CPU nodes: the actors may sit on different nodes, so a task must fit in half a node
+    ({"CPU": 2, "min_node_CPU": 1}, {"a": Resources(cpus=1, actor=True), "b": Resources(cpus=1, actor=True)},
+     ({"a": (1, 0.5), "b": (1, 0.5)}, 2, 0.5)),
+    ({"CPU": 16, "GPU": 2}, {"d": Resources(cpus=1, gpus=1, actor=True, pool_size=4)}, ({"d": (2, 1.0)}, 14, 1.0)),
+    ({"CPU": 128, "GPU": 8, "min_node_CPU": 16}, {"c": Resources(cpus=1, actor=True, pool_size=8),
+                                                  "d": Resources(cpus=2, gpus=1, actor=True, pool_size=8)},
+     ({"c": (8, 1.0), "d": (8, 2.0)}, 104, 1.0)),
+    ({"CPU": 16}, {"t": Resources(cpus=1)}, ({}, 16, 1.0)),  # tasks only
 ])
-def test_actor_pools_leave_room_for_their_loading_tasks(tmp_path, cluster, asked, expected):
-    from grit_pipeline.ray_exec import fit_resources
-
-    rt = _rt(tmp_path)
-    rt.resources = asked
-    fit = fit_resources(rt, cluster, loader_cpus=0.5)
-    assert (fit.pool, fit.stage_cpus, fit.loader_cpus, fit.prepare_cpus) == expected
-    # what the pool holds plus one loading task always fits
-    if asked.actor:
-        assert fit.pool * fit.stage_cpus + max(fit.loader_cpus, fit.prepare_cpus) <= cluster["CPU"]
+def test_actor_pools_leave_room_for_tasks(cluster, asked, expected):
+    fit = fit_cluster(asked, cluster, warn=False)
+    pools, slots, task_cpus = expected
+    assert {n: (p.pool, p.cpus) for n, p in fit.stages.items() if p.pool} == pools
+    assert (fit.task_slots, fit.task_cpus) == (slots, task_cpus)
+    held = sum(p.pool * p.cpus for p in fit.stages.values())
+    assert held + fit.task_cpus <= cluster["CPU"]  # the pools plus one task always fit
 
 
-def test_a_gpu_stage_on_a_cluster_without_gpus_is_a_clear_error(tmp_path):
-    from grit_pipeline.ray_exec import fit_resources
-
-    rt = _rt(tmp_path)
-    rt.resources = Resources(cpus=1, gpus=1, actor=True)
+def test_a_gpu_stage_on_a_cluster_without_gpus_is_a_clear_error():
     with pytest.raises(RuntimeError, match="needs 1 GPU per actor but the Ray cluster has 0"):
-        fit_resources(rt, {"CPU": 8}, loader_cpus=0.5)
+        fit_cluster({"detect": Resources(cpus=1, gpus=1, actor=True)}, {"CPU": 8})

@@ -49,3 +49,4 @@ def test_object_store_throttling_is_transient():
     assert is_transient(ClientError("SlowDown")) and is_transient(ClientError("503"))
     assert not is_transient(ClientError("NoSuchKey"))
     assert is_transient(OSError(5, "I/O error")) and not is_transient(IsADirectoryError("dir"))
+    assert not is_transient(OSError(28, "No space left on device"))  # a full disk does not empty itself

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from stages.base import ActorExecution, FileInput, StageConfig
+from stages.base import FileInput, PreparedExecution, StageConfig
 from stages.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 PathSetting = Annotated[str | None, FileInput()]
@@ -58,7 +58,7 @@ class DetectConfig(StageConfig):
     min_image_side: int = Field(DEFAULT_MIN_SIDE, ge=1, description="A side below this -> image_too_small.")
 
 
-class DetectExecution(ActorExecution):
+class DetectExecution(PreparedExecution):
     """How `detect` runs (`run.resources.detect.<field>`); none of it changes a candidate."""
 
     batch_size: int = Field(8, ge=1, description="Images per forward pass (halved on CUDA out-of-memory).")
@@ -67,6 +67,3 @@ class DetectExecution(ActorExecution):
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast dtype on CUDA (auto = bf16); CPU always runs fp32.")
-    queued_batches: int = Field(
-        2, ge=1, description="Decoded batches waiting per actor: enough that the GPU never waits on "
-        "decoding, few enough that decoded pixels stay bounded in memory.")

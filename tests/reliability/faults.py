@@ -11,23 +11,19 @@ kill always lands in the middle of a `process_batch` call.
 stage's fingerprint), so that a kill leaves some shards committed and others in flight. `delay` slows
 every batch down so that commits and batches interleave.
 
-`FullDiskFileSystem` is a local filesystem that fails one write with ENOSPC after writing half of it; the
-tests put it in place of the run directory's filesystem on the driver, where the engine commits.
+A disk that fills up mid-write is `tests/testfs.py`'s `fulldisk://` filesystem.
 
 Ray ships these classes to its workers by value (`ship_by_value`): this folder is not on their path.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-
-from fsspec.implementations.local import LocalFileSystem
 
 from stages.base import Stage
 
@@ -115,22 +111,3 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-class FullDiskFileSystem(LocalFileSystem):
-    """Local filesystem on which moving a file to a path ending in `target` writes half of it there and
-    then fails with ENOSPC, as a disk that fills up in the middle of a write. Every other call is local."""
-
-    def __init__(self, target: str, **kwargs):
-        super().__init__(skip_instance_cache=True, **kwargs)
-        self.target = target
-        self.failed: list[str] = []
-
-    def mv(self, path1, path2, *args, **kwargs):
-        if str(path2).endswith(self.target):
-            data = self.cat_file(path1)
-            with open(path2, "wb") as f:
-                f.write(data[: len(data) // 2])
-            self.failed.append(str(path2))
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path2))
-        return super().mv(path1, path2, *args, **kwargs)

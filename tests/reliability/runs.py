@@ -17,6 +17,7 @@ from corpus import Corpus
 
 from grit_pipeline.api import resolve_config
 from grit_pipeline.engine import RunResult, build_plan, default_stage_classes, execute
+from grit_pipeline.plan import config_for
 from stages.registry import STAGE_ORDER
 
 
@@ -34,14 +35,13 @@ def replay_config(corpus: Corpus, **sections: Mapping[str, Any]) -> dict[str, An
 
 
 def run_engine(corpus: Corpus, output: Path, config: Mapping[str, Any], stage_classes=None,
-               rundir_fs=None) -> RunResult:
+               output_uri: str | None = None) -> RunResult:
     """`grit run` in-process (on the session's Ray). `stage_classes` swaps stage classes (fault hooks);
-    `rundir_fs` replaces the filesystem the driver commits through (workers still read the local disk)."""
+    `output_uri` names the run directory another way (e.g. through a misbehaving `testfs` filesystem)."""
     classes = {**default_stage_classes(), **(stage_classes or {})}
-    plan = build_plan(resolve_config(dict(config)), input_uri=str(corpus.root), output_uri=str(output),
+    cfg = config_for(classes, **config) if stage_classes else resolve_config(dict(config))
+    plan = build_plan(cfg, input_uri=str(corpus.root), output_uri=output_uri or str(output),
                       stage_classes=classes)
-    if rundir_fs is not None:
-        plan.rundir.fs = rundir_fs
     return execute(plan, progress=False)
 
 

@@ -135,7 +135,7 @@ def test_different_parallelism_gives_byte_identical_shards(corpus, clean, tmp_pa
     source, _, _, fps = clean
     config = replay_config(
         corpus,
-        run={"progress": False, "loader_cpus": 0.25,
+        run={"progress": False,
              "resources": {"chunks": {"cpus": 0.5, "pool_size": 2, "batch_size": 3},
                            "detect": {"cpus": 0.5, "pool_size": 2, "batch_size": 1}}})
     out = tmp_path / "run"
@@ -207,10 +207,9 @@ def test_a_write_that_fails_leaves_no_committed_shard_corrupt(corpus, clean, tmp
     out = tmp_path / "run"
     seed_from(source, out, ["ingest", "chunks", "detect"])
     target = f"/stages/select/{fps['select']}/shard-00001.parquet"
-    full_disk = faults.FullDiskFileSystem(target)
-    result = run_engine(corpus, out, config, rundir_fs=full_disk)
+    full = {**config, "run": {**config["run"], "storage_options": {"target": target}}}
+    result = run_engine(corpus, out, full, output_uri=f"fulldisk://{out}")  # workers write through it too
 
-    assert full_disk.failed == [str(out) + target]
     failed = {(f.stage, f.shard): f.message for f in result.failures}
     assert "No space left on device" in failed[("select", 1)] and "shard-00001.parquet" in failed[("select", 1)]
     assert 1 not in committed(out, "select", fps["select"]) and 1 not in committed(out, "compose", fps["compose"])

@@ -1,0 +1,200 @@
+"""Does the streaming engine keep a (simulated) GPU busy, publish early and stay small? Figures, not a test.
+
+Ray starts with one GPU resource on this CPU machine. `detect` runs a benchmark-only detector, defined
+here and nowhere in the product: the replay backend plus a fixed sleep per image, in an actor that
+reserves the GPU. It asks for pixels (images are read and decoded to GroundingDINO's 800 px input in the
+prepare step, exactly as a real detector's are), so decoding really has to run ahead of it. Over N shards:
+
+- wall time of the run vs detect's busy time (the union of the detector's calls, logged by the actor);
+- when the first final shard appeared in `grit/`, as a fraction of the wall time;
+- peak memory of the whole process tree (this driver plus every Ray process, summed PSS) and whether Ray
+  spilled objects to disk.
+
+    python bench/pipeline_overlap.py                       # 16 shards x 200 images, 25 ms per image
+    python bench/pipeline_overlap.py --shards 24 --out bench/out/pipeline_overlap.json
+
+Targets (issue "streaming engine"): wall <= 1.15 x detect busy; first final shard before 25% of the
+wall; tree peak <= 3 GB with nothing spilled. The same script runs against the stage-by-stage engine of
+commit 6771668 (copy it into a checkout of that commit and run it there) for the "before" figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak_rss import Sampler  # noqa: E402
+
+from stages.base import Resources  # noqa: E402
+from stages.detect import DetectStage  # noqa: E402
+
+
+class SleepyReplay:
+    """The replay detector, then `per_image` seconds of sleep per image: a stand-in for a GPU forward."""
+
+    needs_pixels = False  # pixels are decoded anyway (see SlowDetect.prepare_batch); the replay needs none
+
+    def __init__(self, inner, per_image: float, log_path: str):
+        self.inner, self.per_image, self.log_path = inner, per_image, log_path
+
+    def detect(self, images, prompts):
+        t0 = time.time()
+        found = self.inner.detect(images, prompts)
+        time.sleep(self.per_image * len(images))
+        with open(self.log_path, "a") as f:
+            f.write(f"{t0} {time.time()}\n")
+        return found
+
+
+class SlowDetect(DetectStage):
+    """`detect` with the benchmark detector, on the (simulated) GPU; same name, config and fingerprint."""
+
+    PER_IMAGE = 0.025
+    LOG = ""
+    BATCH = 8
+
+    def __init__(self, config=None, execution=None):
+        try:
+            super().__init__(config, execution)
+        except TypeError:  # the stage-by-stage engine's stages take only a config
+            super().__init__(config)
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1.0, gpus=1.0, actor=True, batch_size=self.BATCH, pool_size=1)
+
+    def setup(self) -> None:
+        if self._detector is None:
+            from stages.detectors.replay import ReplayDetector
+
+            inner = ReplayDetector(path=self.config.replay_path, mode=self.config.replay_mode,
+                                   floor=self.config.floor, max_candidates=self.config.max_candidates)
+            self._detector = SleepyReplay(inner, self.PER_IMAGE, self.LOG)
+
+    def prepare_batch(self, table):
+        import stages.detect as detect_module
+        from stages.images import ResizeSpec
+
+        original = detect_module.resize_spec
+        detect_module.resize_spec = lambda config: ResizeSpec(size=800, max_size=1333)  # GroundingDINO's input
+        try:
+            return super().prepare_batch(table)
+        finally:
+            detect_module.resize_spec = original
+
+
+def busy_seconds(log: Path) -> float:
+    spans = sorted(tuple(map(float, line.split())) for line in log.read_text().splitlines() if line.strip())
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+class FirstFinal(threading.Thread):
+    def __init__(self, folder: Path):
+        super().__init__(daemon=True)
+        self.folder, self.at, self.stop = folder, None, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and self.at is None:
+            if self.folder.is_dir() and any(self.folder.glob("shard-*.parquet")):
+                self.at = time.time()
+            self.stop.wait(0.05)
+
+
+def spilled_mib() -> float:
+    from ray._private.internal_api import memory_summary
+
+    for line in memory_summary(stats_only=True).splitlines():
+        if line.strip().startswith("Spilled"):
+            return float(line.split()[1])
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--rows", type=int, default=200, help="images per shard")
+    ap.add_argument("--per-image", type=float, default=0.025, help="simulated GPU seconds per image")
+    ap.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    ap.add_argument("--workdir")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+
+    import ray
+    import ray.cloudpickle
+
+    from grit_pipeline.config import load_config
+    from grit_pipeline.engine import build_plan, default_stage_classes, execute
+    from grit_pipeline.synthetic import replay_overrides, write_img2dataset
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import bench/
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(tmp)
+        inp = write_img2dataset(work / "input", shards=args.shards, rows_per_shard=args.rows, bad_rows=False,
+                                image_size=(320, 240))
+        SlowDetect.PER_IMAGE, SlowDetect.LOG = args.per_image, str(work / "detect-calls.log")
+        overrides = [*replay_overrides(inp.detections), "run.progress=false"]
+        try:
+            config = load_config(None, [*overrides, f"run.resources.detect.batch_size={SlowDetect.BATCH}"])
+        except Exception:  # the stage-by-stage engine kept detect's batch size in its config
+            config = load_config(None, [*overrides, f"detect.batch_size={SlowDetect.BATCH}"])
+        classes = {**default_stage_classes(), "detect": SlowDetect}
+        plan = build_plan(config, input_uri=str(inp.root), output_uri=str(work / "run"), stage_classes=classes)
+
+        ray.init(num_cpus=args.num_cpus, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        sampler = Sampler(os.getpid(), every=0.25)
+        watcher = FirstFinal(work / "run" / "grit")
+        sampler.start()
+        watcher.start()
+        t0 = time.time()
+        result = execute(plan, progress=False)
+        wall = time.time() - t0
+        sampler.stop.set()
+        watcher.stop.set()
+        spilled = spilled_mib()
+        ray.shutdown()
+        assert result.ok, result.failures
+        busy = busy_seconds(work / "detect-calls.log")
+        first = (watcher.at - t0) if watcher.at else None
+
+    figures = {
+        "shards": args.shards, "images": args.shards * args.rows, "per_image_s": args.per_image,
+        "cpus": args.num_cpus, "wall_s": round(wall, 2), "detect_busy_s": round(busy, 2),
+        "wall_over_busy": round(wall / busy, 3),
+        "first_final_s": round(first, 2) if first is not None else None,
+        "first_final_fraction": round(first / wall, 3) if first is not None else None,
+        "tree_peak_pss_mb": round(sampler.tree_pss_kib / 1024, 1),
+        "driver_peak_rss_mb": round(sampler.driver_rss_kib / 1024, 1),
+        "spilled_mib": spilled,
+    }
+    print(f"{figures['images']:,} images in {args.shards} shards, {args.per_image * 1000:.0f} ms each on a "
+          f"simulated GPU, {args.num_cpus} CPUs")
+    print(f"wall {wall:.1f} s vs detect busy {busy:.1f} s = {figures['wall_over_busy']}x (target <= 1.15)")
+    if first is not None:
+        print(f"first final shard at {first:.1f} s = {figures['first_final_fraction']:.1%} of the wall (target < 25%)")
+    print(f"process tree peak {figures['tree_peak_pss_mb']:.0f} MB (target <= 3,000), driver peak RSS "
+          f"{figures['driver_peak_rss_mb']:.0f} MB, spilled {spilled:g} MiB (target 0)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""The streaming driver: every stage at once over the shards of a run, on Ray.
+
+Shards flow ingest -> chunks -> detect -> select -> compose concurrently. Each shard enters at its first
+stage that is not committed (earlier committed outputs are its input), and each (stage, shard) is one
+unit of work whose files a worker writes (`grit_pipeline.shard_work`). When a worker reports, the driver
+writes the shard's `_done` marker and the shard moves on; when compose commits, the final shard is
+published (`grit_pipeline.publish`, in shard order), so final shards appear minutes into a long run.
+
+What keeps a long run bounded and the GPU busy:
+
+- **Admission.** Shards enter in order; at most `pool + run.shards_ahead` shards are between their first
+  stage and the end of detect (the stage with a prepare step), so the CPU stages run a bounded number of
+  shards ahead of the GPU and memory and disk stay bounded.
+- **Priorities.** Work goes to the lowest shard first, and feeding the GPU comes before other CPU work.
+- **Decoded images are bounded.** Each detect actor has at most `ACTOR_QUEUE` parts in its queue, and at
+  most `pool x run.resources.detect.queued_batches` decoded parts wait for one; image reading and decoding
+  run in CPU tasks ahead of the actors, so the GPU never waits on them.
+- **Small messages only.** Stage outputs go straight from workers to the run directory; parts of a shard
+  travel between tasks and actors through Ray's object store by reference; the driver gets back
+  `ShardReport`s and `PublishReport`s (counts, hashes) and holds a few references per shard in flight.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from grit_pipeline.plan import RunPlan, StagePlan
+from grit_pipeline.publish import PUBLISH, PublishReport
+from grit_pipeline.ray_runtime import Fit, Remote, failure_message
+from grit_pipeline.rundir import shard_name
+from grit_pipeline.shard_work import ShardReport, StageSpec
+from stages.base import PreparedExecution
+from stages.retry import with_retries
+
+log = logging.getLogger(__name__)
+
+ACTOR_QUEUE = 2  # parts in flight per detect actor: one running, one queued, so it never idles
+POLL_S = 0.2
+
+
+@dataclass
+class ShardFailure:
+    stage: str
+    shard: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.stage} shard {self.shard}] {self.message}"
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    fingerprint: str
+    computed: list[int] = field(default_factory=list)
+    cached: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    cleaned: list[str] = field(default_factory=list)  # leftovers of an interrupted run, removed
+
+
+@dataclass
+class _Flow:
+    """One shard's way through the stages of this run."""
+
+    shard: int
+    at: int  # index of the next stage to run
+    end: int  # one past the last stage to run
+    admitted: bool = False
+    busy: bool = False
+    failed: bool = False
+    rows: dict[int, int] = field(default_factory=dict)  # stage index -> rows of its output (committed)
+
+    @property
+    def done(self) -> bool:
+        return self.failed or self.at >= self.end
+
+
+@dataclass
+class _PartsJob:
+    """A shard in a stage that runs in parts: prepare tasks, then actor calls, then one write task."""
+
+    flow: _Flow
+    stage: StagePlan
+    rows_in: int
+    loads: list[Any]  # split outputs, one per part; dropped once their prepare task is submitted
+    next_prepare: int = 0
+    prepared: list[tuple[int, Any]] = field(default_factory=list)  # (part, ref) ready for an actor
+    results: list[Any] = field(default_factory=list)  # actor call refs, by part
+    finished: int = 0
+
+
+class _ActorPool:
+    def __init__(self, handles: list[Any], per_actor: int):
+        self.handles = handles
+        self.load = [0] * len(handles)
+        self.per_actor = per_actor
+
+    def free(self) -> int | None:
+        best = min(range(len(self.handles)), key=lambda i: self.load[i], default=None)
+        return best if best is not None and self.load[best] < self.per_actor else None
+
+
+class Scheduler:
+    """Runs a plan to the end (or to a stop) and says what happened to every shard."""
+
+    def __init__(self, plan: RunPlan, fit: Fit, specs: dict[str, StageSpec], *, publisher_args: tuple | None,
+                 progress: bool = True, on_event: Callable[[str, dict], None] | None = None):
+        import ray
+
+        self.ray = ray
+        self.remote = Remote.get()
+        self.plan, self.fit, self.specs = plan, fit, specs
+        self.stages = plan.stages
+        self.rundir = plan.rundir
+        self.on_event = on_event or (lambda kind, info: None)
+        self.outcomes = {s.name: StageOutcome(s.name, s.fingerprint, cached=list(s.cached)) for s in self.stages}
+        self.failures: dict[int, ShardFailure] = {}
+        self.stop_requested = False
+        self.inflight: dict[Any, tuple[str, Any]] = {}  # ref -> (kind, context)
+        self.tasks_running = 0
+        self.parts_stage = next((s for s in self.stages if s.selected and s.resources.actor and s.has_prepare), None)
+        if self.parts_stage is not None and not isinstance(self.parts_stage.execution, PreparedExecution):
+            raise TypeError(f"stage {self.parts_stage.name!r} has a prepare step and an actor pool: its Execution "
+                            "must derive from stages.base.PreparedExecution (queued_batches)")
+        self.jobs: dict[int, _PartsJob] = {}
+        self.bars: dict[str, Any] = {}
+        self.flows = self._flows()
+        self.pools = self._pools()
+        selected = [s for s in self.stages if s.selected]
+        self.window = plan.run.shards_ahead + (
+            fit.stages[self.parts_stage.name].pool if self.parts_stage is not None
+            else fit.task_slots + sum(fit.stages[s.name].pool for s in selected))
+        self.publisher = None
+        self.published: list[int] = []
+        self.publish_failed: list[int] = []
+        if publisher_args is not None:
+            # every shard with a committed compose output is published (again, if a lower one changed)
+            last = self.stages[-1]
+            committed = self.rundir.committed(last.name, last.fingerprint)
+            self.publish_queue = sorted(set(plan.shards) | committed)
+            self.committed_last = committed
+            self.publisher = self.remote.publisher.options(num_cpus=0).remote(*publisher_args)
+        else:
+            self.publish_queue = []
+            self.committed_last = set()
+        self.publish_pos = 0
+        self.bars = self._bars(progress)
+
+    # --- setup ---------------------------------------------------------------------------------------
+    def _flows(self) -> dict[int, _Flow]:
+        lo = next(i for i, s in enumerate(self.stages) if s.selected)
+        hi = max(i for i, s in enumerate(self.stages) if s.selected) + 1
+        committed = {s.index: set(s.cached) for s in self.stages}  # the plan's view, for selected shards
+        flows = {}
+        for shard in self.plan.shards:
+            at = next((i for i in range(lo, hi) if shard not in committed[i]), hi)
+            flow = _Flow(shard=shard, at=at, end=hi)
+            if lo <= at < hi and at > 0 and shard not in committed[at - 1]:
+                prev, stage = self.stages[at - 1], self.stages[at]
+                self._fail(flow, stage.name, f"no committed {prev.name!r} output for this shard under fingerprint "
+                                             f"{prev.fingerprint}: run the earlier stages first (drop --from {stage.name})")
+            flows[shard] = flow
+        return flows
+
+    def _pools(self) -> dict[str, _ActorPool]:
+        pools = {}
+        for s in self.stages:
+            if not (s.selected and s.resources.actor) or not any(f.at <= s.index < f.end for f in self.flows.values()
+                                                                 if not f.failed):
+                continue
+            place = self.fit.stages[s.name]
+            handles = [self.remote.stage_actor.options(num_cpus=place.cpus, num_gpus=place.gpus)
+                       .remote(self.specs[s.name]) for _ in range(place.pool)]
+            per_actor = ACTOR_QUEUE if s is self.parts_stage else 1
+            pools[s.name] = _ActorPool(handles, per_actor)
+        return pools
+
+    def _bars(self, progress: bool) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        todo = {s.name: sum(1 for f in self.flows.values() if not f.failed and f.at <= s.index < f.end)
+                for s in self.stages}
+        return {s.name: tqdm(total=todo[s.name], desc=f"{s.name:<8}", unit="shard", disable=not progress or not todo[s.name],
+                             position=i, leave=True) for i, s in enumerate(self.stages)}
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while True:
+                if not self.stop_requested:
+                    self._schedule()
+                if not self.inflight:
+                    if self.stop_requested or self._finished():
+                        break
+                    if not self._schedule_possible():
+                        break
+                    continue
+                ready, _ = self.ray.wait(list(self.inflight), num_returns=1, timeout=POLL_S)
+                if ready:
+                    ready, _ = self.ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+                for ref in ready:
+                    kind, ctx = self.inflight.pop(ref)
+                    getattr(self, f"_done_{kind}")(ref, ctx)
+        finally:
+            for bar in self.bars.values():
+                bar.close()
+
+    def _finished(self) -> bool:
+        return all(f.done for f in self.flows.values()) and self.publish_pos >= len(self.publish_queue)
+
+    def _schedule_possible(self) -> bool:
+        """Nothing in flight: make sure the loop is not stuck (it would be a bug); say why and stop."""
+        self._schedule()
+        if self.inflight:
+            return True
+        stuck = [f.shard for f in self.flows.values() if not f.done]
+        if stuck or self.publish_pos < len(self.publish_queue):
+            log.error("scheduler: nothing runs but shards %s are not done (publish at %d of %d)", stuck,
+                      self.publish_pos, len(self.publish_queue))
+            for shard in stuck:
+                self._fail(self.flows[shard], self.stages[self.flows[shard].at].name, "not scheduled (internal error)")
+        return False
+
+    def _schedule(self) -> None:
+        self._admit()
+        self._schedule_publish()
+        if self.parts_stage is not None and self.parts_stage.name in self.pools:
+            self._schedule_parts(self.parts_stage)
+        for name, pool in self.pools.items():
+            if self.stages[self._index(name)] is not self.parts_stage:
+                self._schedule_actor_shards(name, pool)
+        self._schedule_tasks()
+
+    def _index(self, name: str) -> int:
+        return next(s.index for s in self.stages if s.name == name)
+
+    # --- admission -----------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        bottleneck = self.parts_stage.index if self.parts_stage is not None else len(self.stages) - 1
+        active = sum(1 for f in self.flows.values() if f.admitted and not f.done and f.at <= bottleneck)
+        for flow in self.flows.values():  # shard order
+            if flow.admitted or flow.done:
+                continue
+            if flow.at > bottleneck:  # only cheap stages left: no window
+                flow.admitted = True
+                continue
+            if active >= self.window:
+                break
+            flow.admitted = True
+            active += 1
+
+    def _ready_flows(self, stage: StagePlan) -> list[_Flow]:
+        return [f for f in self.flows.values() if f.admitted and not f.busy and not f.done and f.at == stage.index]
+
+    # --- whole-shard stages ------------------------------------------------------------------------
+    def _schedule_tasks(self) -> None:
+        candidates = []
+        for s in self.stages:
+            if s.selected and not s.resources.actor:
+                for f in self._ready_flows(s):
+                    heapq.heappush(candidates, (f.shard, -s.index, s.name))
+        while candidates and self.tasks_running < self.fit.task_slots:
+            shard, _, name = heapq.heappop(candidates)
+            flow = self.flows[shard]
+            place = self.fit.stages[name]
+            ref = self.remote.run_shard.options(num_cpus=place.cpus).remote(self.specs[name], shard)
+            self._submit(ref, "report", (flow, name, None), task=True)
+
+    def _schedule_actor_shards(self, name: str, pool: _ActorPool) -> None:
+        stage = self.stages[self._index(name)]
+        for flow in self._ready_flows(stage):
+            i = pool.free()
+            if i is None:
+                return
+            pool.load[i] += 1
+            self._submit(pool.handles[i].run_shard.remote(flow.shard), "report", (flow, name, (pool, i)))
+
+    def _submit(self, ref: Any, kind: str, ctx: Any, task: bool = False) -> None:
+        if kind == "report":
+            ctx[0].busy = True
+        if task:
+            self.tasks_running += 1
+        self.inflight[ref] = (kind, (ctx, task))
+
+    def _done_report(self, ref: Any, ctx_task: tuple) -> None:
+        (flow, name, slot), task = ctx_task
+        if task:
+            self.tasks_running -= 1
+        if slot is not None:
+            pool, i = slot
+            pool.load[i] -= 1
+        flow.busy = False
+        try:
+            report: ShardReport = self.ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - the shard fails, the run goes on
+            self._fail(flow, name, failure_message(e))
+            return
+        self._commit(flow, name, report)
+
+    def _commit(self, flow: _Flow, name: str, report: ShardReport) -> None:
+        stage = self.stages[self._index(name)]
+        try:
+            with_retries(lambda: self.rundir.write_marker(name, stage.fingerprint, flow.shard, report.marker()),
+                         what=f"write the {name} marker of {shard_name(flow.shard)}")
+        except OSError as e:  # the run directory refused the commit: nothing of this shard counts
+            self._fail(flow, name, f"cannot commit shard {flow.shard} under {self.rundir.uri}: {e}")
+            return
+        self.outcomes[name].computed.append(flow.shard)
+        flow.rows[stage.index] = report.rows_out
+        flow.at = stage.index + 1
+        self.bars[name].update(1)
+        self.on_event("commit", {"stage": name, "shard": flow.shard, "rows_in": report.rows_in,
+                                 "rows_out": report.rows_out})
+        if stage.index == len(self.stages) - 1:
+            self.committed_last.add(flow.shard)
+
+    def _fail(self, flow: _Flow, stage: str, message: str) -> None:
+        flow.failed = True
+        flow.busy = False
+        if flow.shard not in self.failures:
+            self.failures[flow.shard] = ShardFailure(stage, flow.shard, message)
+            self.outcomes[stage].failed.append(flow.shard)
+            log.error("%s", self.failures[flow.shard])
+            self.on_event("failure", {"stage": stage, "shard": flow.shard, "message": message})
+        if stage in self.bars:
+            self.bars[stage].set_postfix(failed=len(self.outcomes[stage].failed), refresh=False)
+
+    # --- the stage in parts (detect) ---------------------------------------------------------------
+    def _schedule_parts(self, stage: StagePlan) -> None:
+        spec = self.specs[stage.name]
+        for flow in self._ready_flows(stage):  # start jobs: split the shard's input into parts
+            rows = self._input_rows(flow, stage)
+            if rows is None:
+                continue
+            step = spec.batch_rows or max(rows, 1)
+            parts = -(-rows // step)
+            flow.busy = True
+            job = _PartsJob(flow=flow, stage=stage, rows_in=rows, loads=[], results=[None] * parts)
+            self.jobs[flow.shard] = job
+            if parts == 0:
+                self._write_job(job)
+                continue
+            loads = self.remote.split.options(num_cpus=self.fit.task_cpus, num_returns=parts).remote(
+                spec, flow.shard, parts)
+            job.loads = [loads] if parts == 1 else list(loads)
+        pool = self.pools[stage.name]
+        jobs = [self.jobs[s] for s in sorted(self.jobs)]
+        # actors first: hand prepared parts to actors with room, lowest shard and part first
+        for job in jobs:
+            while job.prepared:
+                i = pool.free()
+                if i is None:
+                    break
+                part, ref = job.prepared.pop(0)
+                pool.load[i] += 1
+                call = pool.handles[i].process.remote(job.flow.shard, ref)
+                job.results[part] = call
+                self.inflight[call] = ("part", ((job, part, pool, i), False))
+        # then keep decoded parts waiting for the actors, up to the bound
+        waiting = sum(len(j.prepared) for j in jobs) + sum(1 for k, _ in self.inflight.values() if k == "prepared")
+        budget = len(pool.handles) * stage.execution.queued_batches + sum(pool.per_actor - n for n in pool.load)
+        for job in jobs:
+            while waiting < budget and job.next_prepare < len(job.loads) and self.tasks_running < self.fit.task_slots:
+                part = job.next_prepare
+                ref = self.remote.prepare.options(num_cpus=self.fit.task_cpus).remote(spec, job.flow.shard,
+                                                                                       job.loads[part])
+                job.loads[part] = None  # the task holds it now
+                job.next_prepare += 1
+                waiting += 1
+                self.tasks_running += 1
+                self.inflight[ref] = ("prepared", ((job, part), True))
+
+    def _input_rows(self, flow: _Flow, stage: StagePlan) -> int | None:
+        prev = stage.index - 1
+        if prev in flow.rows:
+            return flow.rows[prev]
+        up = self.stages[prev]
+        try:
+            marker = self.rundir.markers(up.name, up.fingerprint, [flow.shard])[flow.shard]
+        except Exception as e:  # noqa: BLE001
+            self._fail(flow, stage.name, f"cannot read the {up.name} marker of shard {flow.shard}: {e}")
+            return None
+        flow.rows[prev] = int(marker["rows"])
+        return flow.rows[prev]
+
+    def _done_prepared(self, ref: Any, ctx_task: tuple) -> None:
+        (job, part), _ = ctx_task
+        self.tasks_running -= 1
+        job.prepared.append((part, ref))
+        job.prepared.sort(key=lambda p: p[0])
+
+    def _done_part(self, ref: Any, ctx_task: tuple) -> None:
+        (job, part, pool, i), _ = ctx_task
+        pool.load[i] -= 1
+        job.finished += 1
+        if job.finished == len(job.results):
+            self._write_job(job)
+
+    def _write_job(self, job: _PartsJob) -> None:
+        spec = self.specs[job.stage.name]
+        ref = self.remote.write_parts.options(num_cpus=self.fit.task_cpus).remote(
+            spec, job.flow.shard, job.rows_in, *job.results)
+        del self.jobs[job.flow.shard]
+        self.tasks_running += 1
+        job.flow.busy = True
+        self.inflight[ref] = ("report", ((job.flow, job.stage.name, None), True))
+
+    # --- publishing ----------------------------------------------------------------------------------
+    def _schedule_publish(self) -> None:
+        if self.publisher is None:
+            return
+        while self.publish_pos < len(self.publish_queue):
+            shard = self.publish_queue[self.publish_pos]
+            flow = self.flows.get(shard)
+            if flow is not None and flow.failed:
+                self.publish_pos += 1
+                continue
+            if shard not in self.committed_last:
+                return
+            ref = self.publisher.publish.remote(shard)
+            self.inflight[ref] = ("published", (shard, False))
+            self.publish_pos += 1
+
+    def _done_published(self, ref: Any, ctx_task: tuple) -> None:
+        shard, _ = ctx_task
+        try:
+            report: PublishReport = self.ray.get(ref)
+        except Exception as e:  # noqa: BLE001
+            self.publish_failed.append(shard)
+            message = failure_message(e)
+            self.failures.setdefault(shard, ShardFailure(PUBLISH, shard, message))
+            log.error("[publish shard %d] %s", shard, message)
+            return
+        self.published.append(shard)
+        self.on_event("published", {"shard": shard, "rows": report.rows_out, "duplicates": report.duplicates,
+                                    "reused": report.reused})
+
+    # --- stopping ------------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Stop scheduling new work; what is in flight finishes and commits (`run` then returns)."""
+        self.stop_requested = True
+
+    def cancel_inflight(self) -> None:
+        """Cancel what is still running (after a stop's grace period); nothing of it gets committed."""
+        for ref in list(self.inflight):
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - actor calls cannot be force-cancelled; they die with the actors
+                pass
+        self.inflight.clear()
+        for pool in self.pools.values():
+            for handle in pool.handles:
+                self.ray.kill(handle)
+        if self.publisher is not None:
+            self.ray.kill(self.publisher)
