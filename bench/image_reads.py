@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -79,16 +80,20 @@ def read_all(parts: list[pa.Table], count_bytes) -> dict:
             "bytes": count_bytes() - before}
 
 
-def old_reader() -> types.ModuleType | None:
-    """`stages/images.py` as of the commit before ranged reads, or None outside a git checkout."""
+def old_reader(folder: Path) -> types.ModuleType | None:
+    """`stages/images.py` as of the commit before ranged reads (written to `folder` and imported), or None
+    outside a git checkout."""
     try:
         source = subprocess.run(["git", "show", f"{OLD_COMMIT}:stages/images.py"], cwd=REPO, check=True,
                                 capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    module = types.ModuleType("old_images")
-    sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source, f"{OLD_COMMIT}:stages/images.py", "exec"), module.__dict__)  # noqa: S102 - our own code
+    path = folder / "old_images.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("old_images", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
     return module
 
 
@@ -206,9 +211,9 @@ def main() -> None:
 
     core = min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})  # one core, as a prepare task gets
-    old = old_reader() if args.old_batches else None
     results: dict[str, float | int | str] = {"rows": args.rows, "batch_rows": args.batch_rows, "core": core}
     with tempfile.TemporaryDirectory() as tmp:
+        old = old_reader(Path(tmp)) if args.old_batches else None
         source = write_img2dataset(Path(tmp) / "i2d", shards=1, rows_per_shard=args.rows, bad_rows=False,
                                    distinct_images=64, image_size=tuple(args.image_size))
         tar_bytes = (source.root / "00000.tar").stat().st_size
