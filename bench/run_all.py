@@ -30,6 +30,7 @@ SCRIPTS: dict[str, list[str]] = {
     "chunk_quality": [],
     "select_throughput": [],
     "detect_throughput": [],
+    "image_reads": [],
     "engine_overhead": [],
     "regenerate": [],
     "peak_rss": [],

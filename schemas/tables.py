@@ -24,7 +24,9 @@ REJECT_SCHEMA = pa.schema(
 # --- ingest --------------------------------------------------------------------------------------------
 # `image_ref` says where the image bytes live, as an fsspec URL: a plain path or URL for a file, or
 # fsspec's chained form `tar://<member>::<tar url>` for a webdataset member; null when there is no image
-# (GRIT-20M metadata re-processing).
+# (GRIT-20M metadata re-processing). For a tar member, `image_offset` and `image_size` give the byte offset
+# (from the start of the tar) and the size of the member's data, so readers fetch exactly those bytes with
+# one ranged read (`stages.image_reader`); both are null for other refs.
 INGEST_FIELDS = [
     KEY,
     pa.field("shard", pa.int32(), nullable=False),
@@ -33,6 +35,8 @@ INGEST_FIELDS = [
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("image_ref", pa.string()),
+    pa.field("image_offset", pa.int64()),
+    pa.field("image_size", pa.int64()),
 ]
 INGEST_SCHEMA = pa.schema(INGEST_FIELDS)  # passthrough columns follow these, in source order
 INGEST_COLUMNS = tuple(f.name for f in INGEST_FIELDS)
@@ -41,7 +45,7 @@ INGEST_COLUMNS = tuple(f.name for f in INGEST_FIELDS)
 # (a GRIT-20M file carries `noun_chunks`/`ref_exps`; the replay detector reads `src_noun_chunks`).
 SOURCE_PREFIX = "src_"
 PRODUCED_COLUMNS = ("noun_chunks", "ref_exps", "grounded_caption", "markdown_caption", "chunks",
-                    "candidates", "pairs", "shard", "image_ref")
+                    "candidates", "pairs", "shard", "image_ref", "image_offset", "image_size")
 
 # --- chunks --------------------------------------------------------------------------------------------
 # Character offsets into `caption`, end-exclusive. `expr_*` is the referring expression (the chunk root's

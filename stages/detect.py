@@ -3,9 +3,14 @@
 Two steps, so the GPU never waits on JPEG decoding:
 
 - `prepare_batch` (CPU, run by the engine in Ray tasks ahead of the GPU actors): read each row's image
-  from `image_ref`, decode and resize it to the detector's input size (`stages.images`), and pass the
-  pixels on as Arrow columns `pixels` (uint8 HWC RGB bytes), `pix_h`, `pix_w`, with the original size in
-  `img_w`, `img_h`. Unreadable/undecodable/too large/too small images become rejects.
+  (`stages.image_reader`: one ranged read per image, or per run of neighbouring tar members, from
+  `image_ref`/`image_offset`/`image_size`), decode and resize it to the detector's input size
+  (`stages.images`), and pass the pixels on as Arrow columns `pixels` (uint8 HWC RGB bytes), `pix_h`,
+  `pix_w`, with the original size in `img_w`, `img_h`. Unreadable/undecodable/too large/too small images
+  become rejects. The replay backend needs no pixels, but unless `check_images` is false it still reads
+  each row's image and checks it (`stages.images.check_image`: the same checks and reject reasons, at
+  JPEG draft scale), adding only `img_w`, `img_h`. A transient read error that outlasts its retries
+  raises, failing the shard (a re-run retries it), never rejecting rows.
 - `process_batch` (GPU actor, model loaded once in `setup`): one forward pass per image with all of its
   chunks in one prompt, batched across images, and the raw candidates out: every (box, chunk) pair
   scoring at least `floor`, at most `max_candidates` per image, before threshold or NMS, so `select`
@@ -29,12 +34,8 @@ from schemas.tables import CANDIDATE_TYPE, DETECT_SCHEMA, REJECT_SCHEMA
 from stages.base import Execution, Resources, Stage, StageConfig, StageResult
 from stages.detectors import ChunkPrompt, Detections, ImageInput, build_detector, resize_spec
 from stages.detectors.config import DetectConfig, DetectExecution
-from stages.images import (
-    DecodeLimits,
-    ImageFailure,
-    decode_image,
-    read_image_refs,
-)
+from stages.image_reader import locations_of, read_images
+from stages.images import DecodeLimits, ImageFailure, check_image, decode_image
 
 # columns prepare_batch adds for process_batch (never written: the stage's output is DETECT_SCHEMA)
 PIXELS, PIX_H, PIX_W, IMG_W, IMG_H = "pixels", "pix_h", "pix_w", "img_w", "img_h"
@@ -43,7 +44,7 @@ SOURCE_BOXES = "src_noun_chunks"
 
 class DetectStage(Stage[DetectConfig]):
     name: ClassVar[str] = "detect"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: ranged image reads; replay checks images (check_images)
     Config: ClassVar[type[StageConfig]] = DetectConfig
     Execution: ClassVar[type[Execution]] = DetectExecution
     output_schema: ClassVar[pa.Schema] = DETECT_SCHEMA
@@ -76,15 +77,16 @@ class DetectStage(Stage[DetectConfig]):
     # --- CPU: read + decode + resize ------------------------------------------------------------
     def prepare_batch(self, table: pa.Table) -> StageResult:
         spec = resize_spec(self.config)
-        if spec is None:  # replay: no pixels needed
-            return StageResult(table, REJECT_SCHEMA.empty_table())
+        if spec is None:  # replay: no pixels needed, only the image check
+            return self._check_images(table) if self._checks_images(table) else StageResult(
+                table, REJECT_SCHEMA.empty_table())
         rejects = self.rejects()
-        limits = DecodeLimits(max_pixels=self.config.max_image_pixels, min_side=self.config.min_image_side)
+        limits = self._limits()
         keys = table.column("key").to_pylist()
-        refs = table.column("image_ref").to_pylist() if "image_ref" in table.column_names else [None] * len(keys)
         keep = np.zeros(len(keys), bool)
         pixels, pix_h, pix_w, img_w, img_h = [], [], [], [], []
-        for i, (key, blob) in enumerate(zip(keys, read_image_refs(refs, self.config.max_image_bytes), strict=True)):
+        blobs = read_images(locations_of(table), self.config.max_image_bytes)
+        for i, (key, blob) in enumerate(zip(keys, blobs, strict=True)):
             decoded = blob if isinstance(blob, ImageFailure) else decode_image(blob, spec, limits)
             if isinstance(decoded, ImageFailure):
                 rejects.add(key, decoded.reason, decoded.detail)
@@ -95,22 +97,55 @@ class DetectStage(Stage[DetectConfig]):
             pix_w.append(decoded.pixels.shape[1])
             img_w.append(decoded.width)
             img_h.append(decoded.height)
-        out = table.filter(pa.array(keep))
-        for name in (PIXELS, PIX_H, PIX_W, IMG_W, IMG_H):
-            if name in out.column_names:
-                out = out.drop_columns([name])
-        out = (out.append_column(PIXELS, pa.array(pixels, pa.large_binary()))
-               .append_column(PIX_H, pa.array(pix_h, pa.int32()))
-               .append_column(PIX_W, pa.array(pix_w, pa.int32()))
-               .append_column(IMG_W, pa.array(img_w, pa.int32()))
-               .append_column(IMG_H, pa.array(img_h, pa.int32())))
+        out = _replace_columns(table.filter(pa.array(keep)), {
+            PIXELS: pa.array(pixels, pa.large_binary()), PIX_H: pa.array(pix_h, pa.int32()),
+            PIX_W: pa.array(pix_w, pa.int32()), IMG_W: pa.array(img_w, pa.int32()),
+            IMG_H: pa.array(img_h, pa.int32())})
+        return StageResult(out, rejects.table())
+
+    def _limits(self) -> DecodeLimits:
+        return DecodeLimits(max_pixels=self.config.max_image_pixels, min_side=self.config.min_image_side)
+
+    def _checks_images(self, table: pa.Table) -> bool:
+        """Whether a pixel-free backend checks this batch's images (`DetectConfig.check_images`)."""
+        if self.config.check_images is None:
+            return "image_ref" in table.column_names and table.column("image_ref").null_count < table.num_rows
+        return self.config.check_images
+
+    def _check_images(self, table: pa.Table) -> StageResult:
+        """Read and check each row's image without decoding pixels; rows without an image_ref pass
+        unchecked unless check_images is true. Adds the oriented image size (null when unchecked)."""
+        rejects = self.rejects()
+        limits = self._limits()
+        keys = table.column("key").to_pylist()
+        locations = locations_of(table)
+        every_row = self.config.check_images is True
+        keep = np.zeros(len(keys), bool)
+        img_w: list[int | None] = []
+        img_h: list[int | None] = []
+        for i, (key, loc, blob) in enumerate(zip(keys, locations, read_images(locations, self.config.max_image_bytes),
+                                                 strict=True)):
+            if loc is None and not every_row:
+                checked: tuple[int | None, int | None] | ImageFailure = (None, None)
+            else:
+                checked = blob if isinstance(blob, ImageFailure) else check_image(blob, limits)
+            if isinstance(checked, ImageFailure):
+                rejects.add(key, checked.reason, checked.detail)
+                continue
+            keep[i] = True
+            img_w.append(checked[0])
+            img_h.append(checked[1])
+        out = _replace_columns(table.filter(pa.array(keep)), {
+            IMG_W: pa.array(img_w, pa.int32()), IMG_H: pa.array(img_h, pa.int32())})
         return StageResult(out, rejects.table())
 
     # --- GPU: detect ----------------------------------------------------------------------------
     def process_batch(self, table: pa.Table) -> StageResult:
         detector = self.detector
         early = REJECT_SCHEMA.empty_table()
-        if detector.needs_pixels and PIXELS not in table.column_names:  # called without prepare_batch
+        unprepared = (PIXELS not in table.column_names if detector.needs_pixels
+                      else IMG_W not in table.column_names and self._checks_images(table))
+        if unprepared:  # called without prepare_batch
             prepared = self.prepare_batch(table)
             table, early = prepared.output, prepared.rejects
         rejects = self.rejects()
@@ -148,6 +183,14 @@ class DetectStage(Stage[DetectConfig]):
         hs = table.column(PIX_H).to_pylist()
         ws = table.column(PIX_W).to_pylist()
         return [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b, h, w in zip(blobs, hs, ws, strict=True)]
+
+
+def _replace_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    """`table` with `columns` appended, replacing any of the same names."""
+    table = table.drop_columns([name for name in columns if name in table.column_names])
+    for name, values in columns.items():
+        table = table.append_column(name, values)
+    return table
 
 
 def candidates_table(keys: list[str], detections: list[Detections]) -> pa.Table:

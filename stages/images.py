@@ -1,38 +1,34 @@
-"""Reading image bytes from `image_ref` and decoding them for the detector (the CPU half of `detect`).
+"""Decoding images with checks: the one checked decoder of the pipeline (the CPU half of `detect`, the
+replay backend's image check, the trainer's image loader, the report's thumbnails).
 
-The engine runs this in Ray tasks ahead of the GPU actors (`DetectStage.prepare_batch`), so JPEG decoding
-never stalls the GPU. Per image:
+The engine runs detect's decoding in Ray tasks ahead of the GPU actors (`DetectStage.prepare_batch`), so
+JPEG decoding never stalls the GPU. The bytes come from `stages.image_reader`. Per image:
 
-1. read the bytes: `image_ref` is an fsspec URL, either a plain path/URL or `tar://<member>::<tar url>`
-   for a webdataset member; refs are grouped by tar so each tar is opened once per batch;
-2. check the header before decoding anything: more than `max_pixels` pixels -> `image_too_large`
+1. check the header before decoding anything: more than `max_pixels` pixels -> `image_too_large`
    (decompression bombs), a side under `min_side` -> `image_too_small`;
-3. decode, with JPEG draft mode (DCT scaling) straight to about the detector's input size;
-4. apply the EXIF orientation; bring palette/alpha/LA/CMYK/16-bit/float modes to 8-bit RGB
+2. decode, with JPEG draft mode (DCT scaling) straight to about the target size;
+3. apply the EXIF orientation; bring palette/alpha/LA/CMYK/16-bit/float modes to 8-bit RGB
    (transparent pixels are composited on white);
-5. resize to the detector's input size (`ResizeSpec`).
+4. resize to the target size (`ResizeSpec`).
 
-Every failure is a `ImageFailure(reason, detail)` for that image alone: a missing file or tar member is
-`image_unreadable`, truncated or garbage bytes are `image_decode_error`.
+Every failure is a `ImageFailure(reason, detail)` for that image alone: truncated or garbage bytes are
+`image_decode_error` (a missing file or tar member, `image_unreadable`, comes from the reader).
+`check_image` runs steps 1-2 only, at the smallest draft scale: what the replay backend, which needs no
+pixels, uses to reject the same images with the same reasons as a pixel detector.
 """
 
 from __future__ import annotations
 
 import io
-import tarfile
 import warnings
-from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.rows import RejectReason
 
-TAR_PREFIX = "tar://"
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bomb limit (~ 0.25 GiB of RGBA)
 DEFAULT_MIN_SIDE = 10
 WHITE = (255, 255, 255)
@@ -57,19 +53,23 @@ class DecodedImage:
 
 @dataclass(frozen=True)
 class ResizeSpec:
-    """The detector's input size.
+    """A model's input size.
 
     `shorter`: the shorter side becomes `size`, unless the longer side would then exceed `max_size`
     (DETR / GroundingDINO: 800 and 1333). `longer`: the longer side becomes `size` (OWLv2, which then
-    pads to a square). Images are scaled up as well as down, as the models were trained that way.
+    pads to a square). `square`: `size` x `size`, the aspect ratio not kept (Kosmos-2's preprocessing,
+    under which normalized boxes stay valid). Images are scaled up as well as down, as the models were
+    trained that way.
     """
 
     size: int = 800
     max_size: int | None = 1333
-    mode: Literal["shorter", "longer"] = "shorter"
+    mode: Literal["shorter", "longer", "square"] = "shorter"
 
     def target(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after resizing an image of `width` x `height`."""
+        if self.mode == "square":
+            return self.size, self.size
         short, long = min(width, height), max(width, height)
         if self.mode == "longer":
             scale = self.size / long
@@ -84,77 +84,6 @@ class ResizeSpec:
 class DecodeLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS  # width * height read from the header; above -> image_too_large
     min_side: int = DEFAULT_MIN_SIDE  # either side below -> image_too_small
-
-
-# --- reading bytes -----------------------------------------------------------------------------------
-
-
-def split_tar_ref(ref: str) -> tuple[str, str] | None:
-    """`tar://<member>::<tar url>` -> (tar url, member); None for a plain ref."""
-    if not ref.startswith(TAR_PREFIX) or "::" not in ref:
-        return None
-    member, tar_url = ref[len(TAR_PREFIX):].split("::", 1)
-    return tar_url, member.lstrip("/")
-
-
-DEFAULT_MAX_BYTES = 64 * 2**20  # an encoded image larger than this is refused before it is read into memory
-
-
-def read_image_refs(refs: Sequence[str | None], max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes | ImageFailure]:
-    """The bytes behind each ref, in order; each tar is opened once however many of its members are asked.
-    Files and members over `max_bytes` become `image_too_large` without being read whole."""
-    results: list[bytes | ImageFailure] = [ImageFailure(RejectReason.IMAGE_UNREADABLE, "")] * len(refs)
-    by_tar: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for i, ref in enumerate(refs):
-        if not ref:
-            results[i] = ImageFailure(RejectReason.IMAGE_UNREADABLE, "row has no image_ref")
-            continue
-        tar = split_tar_ref(ref)
-        if tar is not None:
-            by_tar[tar[0]].append((i, tar[1]))
-        else:
-            results[i] = _read_file(ref, max_bytes)
-    for tar_url, members in by_tar.items():
-        for i, data in _read_tar_members(tar_url, members, max_bytes).items():
-            results[i] = data
-    return results
-
-
-def _too_large(where: str, size: int, max_bytes: int) -> ImageFailure:
-    return ImageFailure(RejectReason.IMAGE_TOO_LARGE, f"{where}: {size} bytes > max_image_bytes {max_bytes}")
-
-
-def _read_file(ref: str, max_bytes: int) -> bytes | ImageFailure:
-    try:
-        with fsspec.open(ref, "rb") as f:
-            data = f.read(max_bytes + 1)
-        return _too_large(ref, len(data), max_bytes) if len(data) > max_bytes else data
-    except Exception as e:  # missing file, permission, network: all "unreadable" for this row only
-        return ImageFailure(RejectReason.IMAGE_UNREADABLE, f"{ref}: {type(e).__name__}: {e}"[:300])
-
-
-def _read_tar_members(tar_url: str, members: list[tuple[int, str]],
-                      max_bytes: int) -> dict[int, bytes | ImageFailure]:
-    out: dict[int, bytes | ImageFailure] = {}
-    try:
-        with fsspec.open(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
-            index = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isfile()}
-            for i, name in members:
-                info = index.get(name.lstrip("./"))
-                if info is None:
-                    out[i] = ImageFailure(RejectReason.IMAGE_UNREADABLE, f"no member {name!r} in {tar_url}")
-                    continue
-                if info.size > max_bytes:
-                    out[i] = _too_large(f"{name} in {tar_url}", info.size, max_bytes)
-                    continue
-                extracted = tar.extractfile(info)
-                out[i] = extracted.read() if extracted is not None else ImageFailure(
-                    RejectReason.IMAGE_UNREADABLE, f"member {name!r} of {tar_url} is not a file")
-    except Exception as e:
-        detail = f"{tar_url}: {type(e).__name__}: {e}"[:300]
-        for i, _ in members:
-            out.setdefault(i, ImageFailure(RejectReason.IMAGE_UNREADABLE, detail))
-    return out
 
 
 # --- decoding ----------------------------------------------------------------------------------------
@@ -205,6 +134,17 @@ def open_checked(data: bytes, resize: ResizeSpec | None,
     except Exception as e:  # truncated data raises OSError; corrupt streams SyntaxError/ValueError/...
         return ImageFailure(RejectReason.IMAGE_DECODE_ERROR, f"{type(e).__name__}: {e}"[:300])
     return im, oriented_size
+
+
+CHECK_DRAFT = ResizeSpec(size=1, max_size=None)  # asks JPEG draft mode for its smallest scale (1/8)
+
+
+def check_image(data: bytes, limits: DecodeLimits) -> tuple[int, int] | ImageFailure:
+    """The (width, height) after EXIF orientation of an image that passes `decode_image`'s checks (format,
+    bomb and size limits, a whole decode of the stream, at the smallest JPEG draft scale to keep it
+    cheap), or the failure with the same reason `decode_image` gives."""
+    opened = open_checked(data, CHECK_DRAFT, limits)
+    return opened if isinstance(opened, ImageFailure) else opened[1]
 
 
 def _orientation(im: Image.Image) -> int:

@@ -47,7 +47,7 @@ MAX_KEY_CHARS = 256
 
 class IngestStage(Stage[IngestConfig]):
     name: ClassVar[str] = "ingest"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: image_offset/image_size (where a tar member's bytes are)
     Config: ClassVar[type[StageConfig]] = IngestConfig
     Execution: ClassVar[type[Execution]] = Execution  # one task per whole shard (duplicate keys are per shard)
     output_schema: ClassVar[pa.Schema] = INGEST_SCHEMA  # passthrough columns follow
@@ -155,6 +155,8 @@ class IngestStage(Stage[IngestConfig]):
             "width": column("width", dimension_column, pa.int32()),
             "height": column("height", dimension_column, pa.int32()),
             "image_ref": column("image_ref", lambda c: c.cast(pa.string()), pa.string()),
+            "image_offset": column("image_offset", lambda c: c.cast(pa.int64()), pa.int64()),
+            "image_size": column("image_size", lambda c: c.cast(pa.int64()), pa.int64()),
         }
         fields = list(INGEST_FIELDS)
         arrays = [pc.take(canonical[f.name], idx) for f in INGEST_FIELDS]

@@ -15,6 +15,7 @@ import zlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -125,6 +126,68 @@ def test_prepare_batch_rejects_bad_images_and_keeps_the_rest(mixed_batch):
         assert len(blob) == r["pix_h"] * r["pix_w"] * 3
 
 
+# --- the replay backend checks images too (detect.check_images) ----------------------------------------
+
+
+def replay_stage(tmp_path, keys=(), **config) -> DetectStage:
+    """The replay backend with one good box per key of `keys` (for chunk 0)."""
+    path = tmp_path / "replay.parquet"
+    n = len(keys)
+    pq.write_table(pa.table({"key": pa.array(list(keys), pa.string()), "x1": [0.1] * n, "y1": [0.1] * n,
+                             "x2": [0.6] * n, "y2": [0.7] * n, "score": pa.array([0.9] * n, pa.float32()),
+                             "chunk": pa.array([0] * n, pa.int32())}), path)
+    return DetectStage(DetectConfig(backend="replay", replay_path=str(path), **config))
+
+
+def reasons(rejects: pa.Table) -> dict[str, str]:
+    return {r["key"]: r["reason"] for r in rejects.to_pylist()}
+
+
+WITH_IMAGE_REJECTS = {k: v for k, v in EXPECTED_REJECTS.items() if k != "no_ref"}
+
+
+@pytest.mark.parametrize("limits", [{}, {"max_image_bytes": 3000}, {"min_image_side": 100},
+                                    {"max_image_pixels": 20_000}])
+def test_replay_rejects_the_images_a_pixel_detector_rejects_with_the_same_reasons(mixed_batch, tmp_path, limits):
+    """Every row with an image_ref ends alike; the row without one passes replay (check_images=None)."""
+    pixel = DetectStage(DetectConfig(input_size=64, max_size=100, **limits)).prepare_batch(mixed_batch)
+    replay = replay_stage(tmp_path, **limits).prepare_batch(mixed_batch)
+    expected = reasons(pixel.rejects)
+    assert expected.pop("no_ref") == "image_unreadable"
+    assert reasons(replay.rejects) == expected
+    if not limits:
+        assert expected == WITH_IMAGE_REJECTS
+    else:
+        assert set(expected) > set(WITH_IMAGE_REJECTS)  # the tighter limit rejects more
+    with_image = replay.output.filter(pc.is_valid(replay.output["image_ref"]))
+    size = ["key", "img_w", "img_h"]
+    assert with_image.select(size).to_pylist() == pixel.output.select(size).to_pylist()
+    assert "pixels" not in replay.output.column_names  # checked, not decoded for a model
+
+
+def test_replay_process_batch_alone_checks_images_as_well(mixed_batch, tmp_path):
+    result = replay_stage(tmp_path, keys=mixed_batch["key"].to_pylist()).process_batch(mixed_batch)
+    assert reasons(result.rejects) == WITH_IMAGE_REJECTS
+    assert result.output["key"].to_pylist() == [*EXPECTED_GOOD, "no_ref"]
+
+
+def test_check_images_false_never_opens_an_image(mixed_batch, tmp_path):
+    stage = replay_stage(tmp_path, keys=mixed_batch["key"].to_pylist(), check_images=False)
+    prepared = stage.prepare_batch(mixed_batch)
+    assert prepared.rejects.num_rows == 0 and prepared.output.equals(mixed_batch)
+    result = stage.process_batch(mixed_batch)
+    assert result.rejects.num_rows == 0 and result.output.num_rows == mixed_batch.num_rows
+
+
+def test_rows_without_images_pass_unless_check_images_is_true(tmp_path):
+    keys = ["g0", "g1"]
+    metadata_only = table_of(keys, pa.nulls(2, pa.string()))  # GRIT-20M metadata: no image at all
+    prepared = replay_stage(tmp_path, keys=keys).prepare_batch(metadata_only)
+    assert prepared.rejects.num_rows == 0 and prepared.output.equals(metadata_only)  # not even looked at
+    strict = replay_stage(tmp_path, check_images=True).prepare_batch(metadata_only)
+    assert reasons(strict.rejects) == {"g0": "image_unreadable", "g1": "image_unreadable"}
+
+
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
     return tiny.hf_grounding_dino(tmp_path_factory.mktemp("gd") / "model")
@@ -175,7 +238,7 @@ def test_empty_batch(hf_model):
 
 def test_contract_and_resources():
     assert stage_class("detect") is DetectStage and issubclass(DetectStage, Stage)
-    assert DetectStage.name == "detect" and DetectStage.version == 1 and DetectStage.output_schema == DETECT_SCHEMA
+    assert DetectStage.name == "detect" and DetectStage.version == 2 and DetectStage.output_schema == DETECT_SCHEMA
     r = DetectStage(DetectConfig(), DetectExecution(gpus=0.5, batch_size=16, pool_size=4)).resources
     assert (r.actor, r.gpus, r.batch_size, r.pool_size) == (True, 0.5, 16, 4)
     assert DetectStage(DetectConfig(), DetectExecution(device="cpu")).resources.gpus == 0
@@ -218,7 +281,8 @@ def test_planted_detection_flows_to_the_grounded_caption(tmp_path):
     chunks = [[chunk(s, e, xs, xe) for s, e, xs, xe in SPANS]]
     ingest = pa.table({"key": ["paper"], "shard": pa.array([0], pa.int32()), "url": ["http://x/dog.jpg"],
                        "caption": [CAPTION], "width": pa.array([640], pa.int32()),
-                       "height": pa.array([480], pa.int32()), "image_ref": pa.array([None], pa.string())},
+                       "height": pa.array([480], pa.int32()), "image_ref": pa.array([None], pa.string()),
+                       "image_offset": pa.array([None], pa.int64()), "image_size": pa.array([None], pa.int64())},
                       schema=pa.schema(INGEST_FIELDS))
     table = ingest.append_column("chunks", pa.array(chunks, pa.list_(CHUNK_TYPE)))
 

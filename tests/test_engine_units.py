@@ -74,7 +74,7 @@ class UpperStage(Stage[UpperConfig]):
 def _ingest(keys, captions, extra=None) -> pa.Table:
     n = len(keys)
     cols = {"key": keys, "shard": [0] * n, "url": [None] * n, "caption": captions, "width": [1] * n,
-            "height": [1] * n, "image_ref": [None] * n}
+            "height": [1] * n, "image_ref": [None] * n, "image_offset": [None] * n, "image_size": [None] * n}
     fields = list(INGEST_SCHEMA)
     if extra:
         cols.update(extra)

@@ -1,28 +1,26 @@
-"""Image reading and decoding for the detect stage (stages/images.py): every failure reason on generated
-bad images, mode conversions, EXIF orientation, JPEG draft mode, tar members."""
+"""Image decoding for the detect stage (stages/images.py): every failure reason on generated bad images,
+mode conversions, EXIF orientation, JPEG draft mode, the cheap header-and-stream check of the replay
+backend. Reading bytes is tested in test_image_reader.py."""
 
 from __future__ import annotations
 
 import io
 import struct
-import tarfile
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import stages.images as images
 from schemas.rows import RejectReason
 from stages.images import (
     DecodedImage,
     DecodeLimits,
     ImageFailure,
     ResizeSpec,
+    check_image,
     decode_image,
     open_checked,
-    read_image_refs,
-    split_tar_ref,
 )
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
@@ -225,60 +223,34 @@ def test_decoded_pixels_follow_the_source():
     assert out.pixels[12, 4].tolist() == list(RED) and out.pixels[12, 28].tolist() == list(BLUE)
 
 
-# --- reading bytes -----------------------------------------------------------------------------------
+def test_square_resize_ignores_the_aspect_ratio():
+    assert ResizeSpec(16, None, "square").target(200, 100) == (16, 16)
+    out = decode_image(encode(photo(200, 100)), ResizeSpec(16, None, "square"))
+    assert isinstance(out, DecodedImage) and out.pixels.shape == (16, 16, 3) and (out.width, out.height) == (200, 100)
 
 
-def test_split_tar_ref():
-    assert split_tar_ref("tar://00001.jpg::s3://bucket/shard-0000.tar") == ("s3://bucket/shard-0000.tar", "00001.jpg")
-    assert split_tar_ref("/data/x.jpg") is None
+# --- the header-and-stream check (replay backend) ----------------------------------------------------
+
+BAD_IMAGES = {
+    "zero_bytes": b"",
+    "garbage": np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+    "truncated_jpeg": encode(photo(400, 300))[:6000],
+    "truncated_png": encode(photo(200, 200), "PNG")[:20000],
+    "bomb_header": raw_png(30000, 30000, 8, 2, rows=None),
+    "one_pixel": encode(Image.new("RGB", (1, 1), RED), "PNG"),
+    "too_thin": encode(Image.new("RGB", (9, 300), RED), "PNG"),
+}
 
 
-def test_read_files_and_missing_file(tmp_path):
-    good = tmp_path / "a.jpg"
-    good.write_bytes(b"abc")
-    out = read_image_refs([str(good), str(tmp_path / "missing.jpg"), None])
-    assert out[0] == b"abc"
-    assert out[1].reason == RejectReason.IMAGE_UNREADABLE and "missing.jpg" in out[1].detail
-    assert out[2].reason == RejectReason.IMAGE_UNREADABLE
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+def test_check_image_fails_with_the_reason_decoding_gives(name):
+    data = BAD_IMAGES[name]
+    assert failure(check_image(data, DecodeLimits())) == failure(decode_image(data, ResizeSpec(64, None)))
 
 
-def test_tar_members_are_read_with_one_open_per_tar(tmp_path, monkeypatch):
-    tar_path = tmp_path / "shard-00000.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for name in ("000.jpg", "001.jpg", "002.jpg"):
-            info = tarfile.TarInfo(name)
-            payload = name.encode()
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    opened = []
-    real_open = images.fsspec.open
-
-    def counting_open(url, *args, **kw):
-        opened.append(url)
-        return real_open(url, *args, **kw)
-
-    monkeypatch.setattr(images.fsspec, "open", counting_open)
-    refs = [f"tar://{name}::{tar_path}" for name in ("002.jpg", "000.jpg", "nope.jpg", "001.jpg")]
-    refs.append(f"tar://000.jpg::{tmp_path / 'missing.tar'}")
-    out = read_image_refs(refs)
-    assert out[0] == b"002.jpg" and out[1] == b"000.jpg" and out[3] == b"001.jpg"
-    assert out[2].reason == RejectReason.IMAGE_UNREADABLE and "nope.jpg" in out[2].detail
-    assert out[4].reason == RejectReason.IMAGE_UNREADABLE
-    assert opened.count(str(tar_path)) == 1
-
-
-def test_oversized_files_and_members_are_refused_before_reading(tmp_path):
-    big, small = tmp_path / "big.jpg", tmp_path / "small.jpg"
-    big.write_bytes(b"x" * 101)
-    small.write_bytes(b"x" * 100)
-    tar_path = tmp_path / "s.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for name, size in (("big.jpg", 101), ("small.jpg", 100)):
-            info = tarfile.TarInfo(name)
-            info.size = size
-            tar.addfile(info, io.BytesIO(b"y" * size))
-    refs = [str(big), str(small), f"tar://big.jpg::{tar_path}", f"tar://small.jpg::{tar_path}"]
-    out = read_image_refs(refs, max_bytes=100)
-    assert out[1] == b"x" * 100 and out[3] == b"y" * 100
-    for failed in (out[0], out[2]):
-        assert failed.reason == RejectReason.IMAGE_TOO_LARGE and "101 bytes > max_image_bytes 100" in failed.detail
+def test_check_image_passes_good_images_with_their_oriented_size():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert check_image(encode(photo(1600, 800), exif=exif.tobytes()), DecodeLimits()) == (800, 1600)
+    assert check_image(encode(photo(120, 80), "PNG"), DecodeLimits()) == (120, 80)
+    assert check_image(encode(photo(50, 50), "PNG"), DecodeLimits(max_pixels=2499)).reason == RejectReason.IMAGE_TOO_LARGE

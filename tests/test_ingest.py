@@ -163,7 +163,10 @@ def test_img2dataset_image_refs_open_the_right_bytes(i2d):
         expected = tar.extractfile("000007.jpg").read()
     with fsspec.open(tar_ref, "rb") as f:
         assert f.read() == expected
+    offset, size = out["000007"]["image_offset"], out["000007"]["image_size"]  # where detect reads it
+    assert size == len(expected) and (i2d / "00000.tar").read_bytes()[offset:offset + size] == expected
     assert out["000300"]["image_ref"] == f"{i2d}/00003/000300.jpg"
+    assert out["000300"]["image_offset"] is None and out["000300"]["image_size"] is None  # a plain file
     with fsspec.open(out["000300"]["image_ref"], "rb") as f:
         assert Image.open(f).size == (out["000300"]["width"], out["000300"]["height"])
 

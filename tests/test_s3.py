@@ -87,3 +87,45 @@ def test_run_reads_and_writes_s3_with_the_same_results_as_local(pipeline_run, sy
     again.rundir.put_atomic(f"{detect_dir}/shard-00007.parquet", b"half-written")
     assert again.rundir.clean_uncommitted("detect", again.fingerprints["detect"]) == [
         f"{detect_dir}/shard-00007.parquet"]
+
+
+def test_ranged_image_reads_on_s3_keep_the_members_before_a_tar_cut(s3_endpoint, tmp_path):
+    """Ingest's listing and detect's ranged reads against S3: members before a cut are read exactly; a
+    member cut in the middle (a short 206 answer) or whose data is wholly past the end (S3 answers 416
+    where a local read returns nothing) is a reject of its row, never a retried or failed read."""
+    import io
+    import tarfile
+
+    import fsspec
+    import s3fs
+
+    from stages.image_reader import ImageLocation, read_images
+    from stages.sources.base import list_tar_files
+
+    s3fs.S3FileSystem.clear_instance_cache()  # the endpoint comes from this test's environment
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(BUCKET)
+    payloads = {f"{i:05d}.jpg": bytes([i]) * (3000 + i) for i in range(4)}
+    local = tmp_path / "full.tar"
+    with tarfile.open(local, "w") as tar:
+        for name, data in payloads.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(local) as tar:
+        third = tar.getmember("00002.jpg")
+    whole = local.read_bytes()
+    cuts = {"mid-member": third.offset_data + third.size // 2, "before-data": third.offset_data}
+    for name, cut in cuts.items():
+        fs.pipe(f"{BUCKET}/{name}.tar", whole[:cut])
+    try:
+        for name in cuts:
+            url = f"s3://{BUCKET}/{name}.tar"
+            listed = {m.name: m for m in list_tar_files(url)}
+            assert sorted(listed) == ["00000.jpg", "00001.jpg", "00002.jpg"], name
+            got = read_images([ImageLocation(f"tar://{m}::{url}", listed[m].offset, listed[m].size, key=m[:5])
+                               for m in sorted(listed)])
+            assert got[:2] == [payloads["00000.jpg"], payloads["00001.jpg"]], name
+            assert got[2].reason.value == "image_unreadable" and "00002.jpg" in got[2].detail, name
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()

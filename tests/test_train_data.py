@@ -124,6 +124,39 @@ def test_image_sources_in_order(tmp_path):
         read_image_bytes({"key": "k8", "url": "missing.png"}, shard)
 
 
+def test_image_ref_locations_are_read_as_ranges(tmp_path):
+    """With ingest's `image_offset`/`image_size` the trainer reads exactly those bytes of the tar."""
+    first, second = _png((255, 0, 0)), _png((0, 0, 255), (30, 12))
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in (("a.png", first), ("b.png", second)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        b = tar.getmember("b.png")
+    shard = str(tmp_path / "shard-00000.parquet")
+    row = {"key": "k", "image_ref": "tar://a.png::00000.tar"}
+    assert read_image_bytes(row, shard) == first  # no location: found by name in the tar's headers
+    assert read_image_bytes({**row, "image_offset": b.offset_data, "image_size": b.size}, shard) == second
+
+
+def test_decode_refuses_a_decompression_bomb():
+    # 10,000 x 9,000 = 9e7 pixels: over the pipeline's limit (89,478,485) yet under the 2x at which PIL
+    # itself refuses, so PIL's defaults would decode all of it
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 9_000)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 200_000
+    with pytest.raises(ImageUnavailable, match="image_too_large: 10000x9000"):
+        decode_image(buf.getvalue(), 16)
+
+
+def test_decode_refuses_corrupt_and_tiny_images():
+    with pytest.raises(ImageUnavailable, match="image_decode_error"):
+        decode_image(_png()[:40], 16)
+    with pytest.raises(ImageUnavailable, match="image_too_small"):
+        decode_image(_png(size=(4, 40)), 16)
+
+
 def test_decode_resizes_to_square_in_range():
     t = decode_image(_png((255, 0, 0), (20, 10)), 16)
     assert t.shape == (3, 16, 16)

@@ -53,6 +53,7 @@ def _write_png(console: Console, trace, stage: str, out: str, labels: bool) -> N
     from grit_pipeline.report.boxes import BOX_STAGES, boxes_for_stage
     from grit_pipeline.report.drawing import draw_boxes
     from grit_pipeline.report.thumbnails import ImageUnavailable, open_image
+    from stages.image_reader import ImageLocation
 
     if stage not in BOX_STAGES:
         _fail(console, f"--png draws boxes, which exist at stages {', '.join(BOX_STAGES)}; not at {stage!r}")
@@ -62,7 +63,7 @@ def _write_png(console: Console, trace, stage: str, out: str, labels: bool) -> N
                        "try an earlier --stage")
     boxes = boxes_for_stage(stage, trace.row)
     try:
-        image = open_image(trace.row.get("image_ref"))
+        image = open_image(ImageLocation.from_row(trace.row))
     except ImageUnavailable as e:
         _fail(console, f"row {trace.key}: image unavailable: {e}")
     with fsspec.open(out, "wb") as f:

@@ -21,6 +21,7 @@ from grit_pipeline.report.boxes import (
 from grit_pipeline.report.row_trace import RowTrace, trace_rows
 from grit_pipeline.report.run_files import RunFiles
 from grit_pipeline.report.thumbnails import ImageUnavailable, load_images, thumbnail
+from stages.image_reader import ImageLocation
 
 
 def sample_keys(keys: Sequence[str], n: int, seed: int = 0) -> list[str]:
@@ -128,5 +129,5 @@ def build_gallery(run: RunFiles, population: dict[str, int], n: int, seed: int =
     for shard in sorted(by_shard):
         for t in trace_rows(run, shard, by_shard[shard]):
             traces[t.key] = t
-    images = load_images([traces[k].row.get("image_ref") for k in chosen], longest_side=thumb_side)
+    images = load_images([ImageLocation.from_row(traces[k].row) for k in chosen], longest_side=thumb_side)
     return [build_item(traces[k], img, max_candidates, thumb_side) for k, img in zip(chosen, images, strict=True)]

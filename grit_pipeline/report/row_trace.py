@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from grit_pipeline.report.run_files import RunFiles
 from stages.registry import STAGE_ORDER
 
-# Columns shown per stage (besides `key`); a stage's passthrough columns are left in the files.
+# Columns shown (or, for image_offset/image_size, used to read the image) per stage, besides `key`; a
+# stage's passthrough columns are left in the files.
 SHOWN_COLUMNS: dict[str, tuple[str, ...]] = {
-    "ingest": ("shard", "url", "caption", "width", "height", "image_ref"),
+    "ingest": ("shard", "url", "caption", "width", "height", "image_ref", "image_offset", "image_size"),
     "chunks": ("chunks",),
     "detect": ("candidates",),
     "select": ("pairs",),

@@ -1,6 +1,8 @@
-"""Image pixels for the report and `grit inspect`: a row's `image_ref` read and decoded with the detect
-stage's own reader (`stages.images`: fsspec URLs incl. `tar://member::tar`, EXIF orientation, odd modes to
-RGB), then made into an embeddable JPEG thumbnail. Only the shown images are read.
+"""Image pixels for the report and `grit inspect`: a row's image read with the detect stage's own reader
+(`stages.image_reader`: fsspec URLs incl. `tar://member::tar`, one ranged read per image from the
+`image_offset`/`image_size` ingest recorded) and decoded with its checked decoder (`stages.images`: size
+and bomb limits, EXIF orientation, odd modes to RGB), then made into an embeddable JPEG thumbnail. Only the
+shown images are read.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from stages.images import DecodedImage, ImageFailure, ResizeSpec, decode_image, read_image_refs
+from stages.image_reader import ImageLocation, read_images
+from stages.images import DecodedImage, ImageFailure, ResizeSpec, decode_image
+from stages.retry import TransientIOError
 
 
 class ImageUnavailable(RuntimeError):
@@ -26,24 +30,30 @@ class Thumbnail:
     height: int
 
 
-def load_images(refs: Sequence[str | None], longest_side: int | None = None) -> list[Image.Image | ImageUnavailable]:
-    """RGB images for `refs` (each tar opened once), scaled so the longest side is `longest_side`
-    (None: original size); a failure for one ref is returned in its place, never raised."""
+def load_images(locations: Sequence[ImageLocation | None],
+                longest_side: int | None = None) -> list[Image.Image | ImageUnavailable]:
+    """RGB images at `locations` (`ImageLocation.from_row` of the rows shown), scaled so the longest side
+    is `longest_side` (None: original size); a failure for one image is returned in its place, never
+    raised (a transient read error that outlasts its retries fails every image of the call)."""
     resize = ResizeSpec(size=longest_side, max_size=None, mode="longer") if longest_side else None
+    try:
+        blobs: list[bytes | ImageFailure] = read_images(list(locations))
+    except TransientIOError as e:
+        return [ImageUnavailable(f"image_unreadable: {e}") for _ in locations]
     out: list[Image.Image | ImageUnavailable] = []
-    for ref, data in zip(refs, read_image_refs(list(refs)), strict=True):
+    for loc, data in zip(locations, blobs, strict=True):
         decoded: DecodedImage | ImageFailure = data if isinstance(data, ImageFailure) else decode_image(data, resize)
         if isinstance(decoded, ImageFailure):
             reason = getattr(decoded.reason, "value", decoded.reason)
-            out.append(ImageUnavailable(f"{reason}: {decoded.detail or ref}"))
+            out.append(ImageUnavailable(f"{reason}: {decoded.detail or (loc.ref if loc else '')}"))
         else:
             out.append(Image.fromarray(decoded.pixels, "RGB"))
     return out
 
 
-def open_image(image_ref: str | None) -> Image.Image:
+def open_image(location: ImageLocation | None) -> Image.Image:
     """One row's image at its original size (boxes are normalized to it); raises ImageUnavailable."""
-    img = load_images([image_ref])[0]
+    img = load_images([location])[0]
     if isinstance(img, ImageUnavailable):
         raise img
     return img

@@ -62,7 +62,8 @@ def list_shards(uris: str | list[str]) -> list[str]:
 
 def iter_rows(shard: str, columns: tuple[str, ...] = ROW_COLUMNS, batch_size: int = 256) -> Iterator[dict]:
     """Rows of one shard as dicts of the wanted columns that exist in it, in file order. A wanted
-    `image_ref` the shard lacks is looked up in the pipeline run the shard belongs to, if any."""
+    `image_ref` the shard lacks is looked up (with the image's location in its tar) in the pipeline run
+    the shard belongs to, if any."""
     with fsspec.open(shard, "rb") as f:
         pf = pq.ParquetFile(f)
         present = [c for c in columns if c in pf.schema_arrow.names]
@@ -72,7 +73,7 @@ def iter_rows(shard: str, columns: tuple[str, ...] = ROW_COLUMNS, batch_size: in
         for batch in pf.iter_batches(batch_size=batch_size, columns=present):
             for row in batch.to_pylist():
                 if refs:
-                    row["image_ref"] = refs.get(row["key"])
+                    row.update(refs.get(row["key"]) or {"image_ref": None})
                 yield row
 
 

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from stages.base import FileInput, PreparedExecution, StageConfig
-from stages.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from stages.image_reader import DEFAULT_MAX_BYTES
+from stages.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 PathSetting = Annotated[str | None, FileInput()]
 
@@ -56,6 +57,12 @@ class DetectConfig(StageConfig):
     max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1,
                                  description="Encoded size above this -> image_too_large, never read.")
     min_image_side: int = Field(DEFAULT_MIN_SIDE, ge=1, description="A side below this -> image_too_small.")
+    check_images: bool | None = Field(
+        None, description="Backends that need no pixels (replay): still read and check each row's image "
+        "(format, the size and bomb limits above, a whole decode at the smallest JPEG draft scale) and "
+        "reject failures with the reasons a pixel detector gives. None = check every row that has an "
+        "image_ref (rows without one pass: GRIT-20M metadata); true = also reject rows without an image; "
+        "false = never open images. Pixel backends always decode, whatever this says.")
 
 
 class DetectExecution(PreparedExecution):

@@ -4,6 +4,8 @@ ingest table that `IngestStage.process_batch` validates.
 
 The raw table (the output of `IngestStage.read`) holds, in this order:
   key, shard, url, caption, width, height, image_ref   -- canonical names, source values (not yet checked)
+  image_offset, image_size                             -- where the image's bytes sit inside its tar (null
+                                                          when image_ref is not a tar member)
   _ingest_reject, _ingest_detail                       -- what the reader already knows is wrong with a row
                                                           (`bad_source_row`, `download_failed`), or null
   _ingest_image_missing                                -- why the row's image was not found, or null
@@ -27,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from schemas.rows import RejectReason
 from schemas.tables import INGEST_COLUMNS, PRODUCED_COLUMNS, SOURCE_PREFIX
 from stages.sources.config import IngestConfig
+from stages.tar_index import TarMember, read_tar_index
 
 SourceFormat = Literal["img2dataset", "folder", "parquet", "grit20m"]
 
@@ -141,23 +144,13 @@ def image_index(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def list_tar_files(tar_uri: str) -> list[str]:
-    """Names of the regular files in a tar, read once from its headers (member data is skipped by
-    seeking). A truncated tar (a shard cut short) yields the members before the cut."""
-    fs, path = url_to_fs(tar_uri)
-    names: list[str] = []
-    with fs.open(path, "rb") as f:
-        try:
-            archive = tarfile.open(fileobj=f, mode="r:")
-        except tarfile.TarError as exc:
-            raise SourceSchemaError(f"{tar_uri}: not a readable tar archive ({exc})") from exc
-        try:
-            while (member := archive.next()) is not None:
-                if member.isfile():
-                    names.append(member.name)
-        except tarfile.TarError:
-            pass  # members after a corrupt header are reported as missing images
-    return names
+def list_tar_files(tar_uri: str) -> list[TarMember]:
+    """The regular files of a tar with the offset and size of their data, read once from its headers
+    (`stages.tar_index`). A truncated tar (a shard cut short) yields the members before the cut."""
+    try:
+        return read_tar_index(tar_uri)
+    except tarfile.TarError as exc:
+        raise SourceSchemaError(f"{tar_uri}: not a readable tar archive ({exc})") from exc
 
 
 # --- column resolution -----------------------------------------------------------------------------------
@@ -234,7 +227,8 @@ def passthrough_name(name: str) -> str:
 
 
 def assemble(table: pa.Table, cols: Columns, *, source: str, shard: int, key: pa.Array,
-             image_ref: pa.Array | None = None, reject: Sequence[str | None] | None = None,
+             image_ref: pa.Array | None = None, image_offset: pa.Array | None = None,
+             image_size: pa.Array | None = None, reject: Sequence[str | None] | None = None,
              detail: Sequence[str | None] | None = None,
              image_missing: Sequence[str | None] | None = None,
              consumed: Iterable[str] = ()) -> pa.Table:
@@ -257,6 +251,8 @@ def assemble(table: pa.Table, cols: Columns, *, source: str, shard: int, key: pa
         "width": role(cols.width, "width", False) if cols.width else pa.nulls(n, pa.int32()),
         "height": role(cols.height, "height", False) if cols.height else pa.nulls(n, pa.int32()),
         "image_ref": image_ref if image_ref is not None else pa.nulls(n, pa.string()),
+        "image_offset": image_offset if image_offset is not None else pa.nulls(n, pa.int64()),
+        "image_size": image_size if image_size is not None else pa.nulls(n, pa.int64()),
         REJECT_COL: strings(reject),
         DETAIL_COL: strings(detail),
         IMAGE_MISSING_COL: strings(image_missing),

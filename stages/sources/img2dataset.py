@@ -9,6 +9,8 @@ One source shard per img2dataset shard; its index is the number in the file name
 `width`/`height` are those of the stored image (what `image_ref` points at; img2dataset's own columns);
 the original size passes through as `original_width`/`original_height`. `status`/`error_message` are
 consumed: rows with `status != "success"` become `download_failed` rejects (detail = error_message).
+For a tar, `image_offset`/`image_size` say where the member's data sits in it (read from the same one
+listing of the tar), so detect fetches each image with one ranged read.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from stages.sources.base import (
     url_to_fs,
 )
 from stages.sources.config import IngestConfig
+from stages.tar_index import TarMember
 
 SHARD_FILE = re.compile(r"^(\d+)\.parquet$")
 STATUS_COLUMNS = ("status", "error_message")
@@ -91,27 +94,33 @@ def read(shard: SourceShard, cfg: IngestConfig) -> pa.Table:
             reject[i] = DOWNLOAD_FAILED
             detail[i] = errors[i] or f"img2dataset status {status[i]!r}"
 
-    found, where = _image_index(shard)
+    found, members, where = _image_index(shard)
     refs: list[str | None] = [None] * n
+    offsets: list[int | None] = [None] * n
+    sizes: list[int | None] = [None] * n
     missing: list[str | None] = [None] * n
     for i, key in enumerate(raw_keys):
         name = found.get(key) if key is not None else None
         if name is None:
             missing[i] = f"no image for key {key!r} in {where}"
-        elif shard.images_uri is not None and shard.images_uri.endswith(".tar"):
+        elif name in members:
             refs[i] = f"tar://{name}::{shard.images_uri}"
+            offsets[i], sizes[i] = members[name].offset, members[name].size
         else:
             refs[i] = join_uri(shard.images_uri or "", name)
     return assemble(table, cols, source=shard.uri, shard=shard.index, key=keys,
-                    image_ref=pa.array(refs, pa.string()), reject=reject, detail=detail,
+                    image_ref=pa.array(refs, pa.string()), image_offset=pa.array(offsets, pa.int64()),
+                    image_size=pa.array(sizes, pa.int64()), reject=reject, detail=detail,
                     image_missing=missing, consumed=STATUS_COLUMNS)
 
 
-def _image_index(shard: SourceShard) -> tuple[dict[str, str], str]:
-    """Key -> image file name of the shard, from one listing of its tar or folder."""
+def _image_index(shard: SourceShard) -> tuple[dict[str, str], dict[str, TarMember], str]:
+    """Key -> image file name of the shard, the tar members by name (empty for a folder) and what was
+    listed, from one listing of its tar or folder."""
     if shard.images_uri is None:
-        return {}, f"{basename(shard.uri)} (no matching .tar or folder)"
+        return {}, {}, f"{basename(shard.uri)} (no matching .tar or folder)"
     if shard.images_uri.endswith(".tar"):
-        return image_index(list_tar_files(shard.images_uri)), basename(shard.images_uri)
+        members = {m.name: m for m in list_tar_files(shard.images_uri)}
+        return image_index(members), members, basename(shard.images_uri)
     entries = list_dir(shard.images_uri)
-    return image_index(n for n, t in entries.items() if t == "file"), basename(shard.images_uri) + "/"
+    return image_index(n for n, t in entries.items() if t == "file"), {}, basename(shard.images_uri) + "/"

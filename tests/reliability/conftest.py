@@ -41,7 +41,7 @@ def stagewise_full(corpus, chunks_stage):
 
 @pytest.fixture(scope="session")
 def stagewise_replay(corpus, chunks_stage):
-    """Every stage over the corpus in-process as the replay backend runs it: images never opened."""
+    """Every stage over the corpus in-process as the replay backend runs it: images checked, not decoded."""
     from stagewise import run_stagewise
 
     return run_stagewise(corpus.root, replay_path=corpus.detections, decode=False, chunks=chunks_stage)

@@ -6,7 +6,9 @@ with key/url/caption/status/error_message/width/height, `NNNNN.tar` webdataset m
 record what the pipeline must do with them.
 
     shard 0  images: truncated / zero-byte / garbage JPEG, a PNG whose header claims 30000x30000, 1x1,
-             a tar member missing -- and valid oddities that must be KEPT: CMYK, 16-bit, palette with
+             a tar member missing, and a tar cut short in the middle of its second-to-last member (the
+             member cut is unreadable, the one after the cut is missing; every member before the cut
+             must stay readable) -- and valid oddities that must be KEPT: CMYK, 16-bit, palette with
              transparency, EXIF-rotated
     shard 1  captions: empty, whitespace, 10,000 characters, `<phrase>`, `<patch_index_0001>` -- and kept:
              emoji, right-to-left script, `[x](y)`
@@ -18,10 +20,11 @@ The replay file also holds boxes for keys that exist nowhere (ignored). Every sh
 must all reach the final shards.
 
 What happens to a row depends on the detector. A pixel detector (`hf`, `groundingdino`) decodes the image
-in detect's `prepare_batch`, so image problems become detect rejects; the `replay` backend never opens an
-image, so there image problems go unnoticed and replayed-box problems count instead. `CorpusRow.expect`
-takes the mode: `decode` (a pixel detector scoring every box: `detect.floor=0`, `select.min_score=0`),
-`replay`, or `full` (images decoded and boxes replayed, as the stage-level tests run it).
+in detect's `prepare_batch`, so image problems become detect rejects; the `replay` backend checks each
+image there too (`detect.check_images`, on by default for rows with images: same checks, same reasons),
+and its replayed-box problems count as well. `CorpusRow.expect` takes the mode: `decode` (a pixel detector
+scoring every box: `detect.floor=0`, `select.min_score=0`), `replay`, or `full` (images decoded and boxes
+replayed, as the stage-level tests run it); `replay` and `full` now expect the same.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from PIL import Image, ImageDraw
 from schemas.rows import RejectReason as R
 
 Mode = Literal["decode", "replay", "full"]
-Phase = Literal["source", "image", "replay"]  # when a problem applies: always / pixel detector / replay
+Phase = Literal["source", "image", "replay"]  # when a problem applies: always / image read / boxes replayed
 SHARD_FAILED = "shard_failed"  # outcome reason of rows in a shard that fails as a whole (not a reject)
 IMAGE_SIZE = (64, 48)
 GOOD_BOX = (0.1, 0.15, 0.6, 0.8)
@@ -95,7 +98,7 @@ class CorpusRow:
 
     def expect(self, mode: Mode) -> Outcome:
         """The outcome under detector `mode` (module docstring): the first problem that applies."""
-        skip = {"decode": "replay", "replay": "image", "full": None}[mode]
+        skip = {"decode": "replay", "replay": None, "full": None}[mode]
         for p in self.problems:
             if p.phase != skip:
                 return Outcome(p.stage, p.reason)
@@ -204,6 +207,7 @@ class _Shard:
     meta: dict[str, list] = field(default_factory=lambda: {k: [] for k in (
         "key", "url", "caption", "status", "error_message", "width", "height")})
     members: list[tuple[str, bytes]] = field(default_factory=list)
+    cut_member: str | None = None  # the tar ends in the middle of this member's data
 
     def add(self, key: str | None, caption: str | None, *, image: tuple[str, bytes | None] | None,
             status: str = "success", error: str | None = None, size=IMAGE_SIZE) -> int:
@@ -238,6 +242,11 @@ class _Shard:
                 info = tarfile.TarInfo(member)
                 info.size, info.mtime = len(data), 0
                 tar.addfile(info, io.BytesIO(data))
+        if self.cut_member is not None:
+            with tarfile.open(root / f"{name}.tar") as tar:
+                cut = tar.getmember(self.cut_member)
+            with open(root / f"{name}.tar", "r+b") as f:
+                f.truncate(cut.offset_data + cut.size // 2)
         (root / f"{name}_stats.json").write_text(json.dumps({"count": len(self.meta["key"])}))
 
 
@@ -289,6 +298,13 @@ def write_corpus(folder: str | Path, *, seed: int = 0, good_per_shard: int = 4) 
         dets.add(key)
         rows.append(CorpusRow(0, key, case, caption, (problem,) if problem else ()))
     good(s, good_per_shard - good_per_shard // 2)
+    for case, problem in (("image:tar_cut_short", Problem("detect", R.IMAGE_UNREADABLE.value, "image")),
+                          ("image:after_the_tar_cut", Problem("ingest", R.MISSING_IMAGE.value))):
+        key, caption = key_of(s), GOOD_CAPTIONS[len(rows) % len(GOOD_CAPTIONS)]
+        s.add(key, caption, image=("jpg", _encode(_picture(rng), "JPEG", quality=85)))
+        dets.add(key)
+        rows.append(CorpusRow(0, key, case, caption, (problem,)))
+    s.cut_member = s.members[-2][0]  # the last two rows' members are the last two in the tar
 
     # shard 1: captions
     s = shards[1]

@@ -39,7 +39,7 @@ def test_corpus_holds_every_required_case(corpus):
     for required in ("image:truncated_jpeg", "image:zero_byte_jpeg", "image:garbage_jpeg",
                      "image:png_header_30000x30000", "image:cmyk_jpeg", "image:16bit_png",
                      "image:palette_transparency_png", "image:1x1", "image:exif_rotated_jpeg",
-                     "image:missing_tar_member", "caption:empty", "caption:whitespace", "caption:10000_chars",
+                     "image:missing_tar_member", "image:tar_cut_short", "image:after_the_tar_cut", "caption:empty", "caption:whitespace", "caption:10000_chars",
                      "caption:emoji", "caption:right_to_left", "caption:phrase_tag",
                      "caption:patch_index_token", "caption:markdown_link", "data:duplicate_key#1",
                      "data:wrong_schema_shard", "data:replay_nan_box", "data:replay_inf_box",
@@ -101,6 +101,9 @@ def test_reject_details_say_what_was_wrong(corpus, stagewise_full):
     assert "0 bytes" in detail("image:zero_byte_jpeg")
     assert "900000000" in detail("image:png_header_30000x30000")
     assert "1x1" in detail("image:1x1")
+    cut = by_case["image:tar_cut_short"]
+    assert f"{cut.key}.jpg" in detail("image:tar_cut_short") and "00000.tar" in detail("image:tar_cut_short")
+    assert "00000.tar" in detail("image:after_the_tar_cut")
     assert "<phrase>" in detail("caption:phrase_tag")
     assert "10000" in detail("caption:10000_chars")
     assert "non_finite" in detail("data:replay_nan_box") and "non_finite" in detail("data:replay_inf_box")
@@ -127,11 +130,17 @@ def test_replayed_boxes_for_unknown_keys_never_surface(corpus, stagewise_full):
     assert seen.isdisjoint(corpus.ghost_keys)
 
 
-def test_replay_backend_never_opens_images(corpus, stagewise_replay):
-    """Documents a limit: with `detect.backend=replay` broken images reach the final shards."""
+def test_replay_backend_rejects_broken_images_as_a_pixel_detector_does(corpus, stagewise_replay):
+    """`detect.check_images`: with the replay backend broken images never reach the final shards; they
+    are rejected by detect with the reasons a pixel detector gives."""
     final = set(stagewise_replay.final()["key"].to_pylist())
-    broken = [r for r in corpus.rows if r.expect("full") in (Outcome("detect", "image_decode_error"),)]
-    assert broken and all(r.key in final for r in broken)
+    rejects = {(r["shard"], r["key"]): Outcome(r["stage"], r["reason"])
+               for r in stagewise_replay.all_rejects().to_pylist()}
+    broken = [r for r in corpus.rows if any(p.phase == "image" for p in r.problems)]
+    assert {r.expect("decode").reason for r in broken} >= {"image_decode_error", "image_too_large",
+                                                           "image_too_small", "image_unreadable"}
+    for r in broken:
+        assert r.key not in final and rejects[(r.shard, r.key)] == r.expect("decode"), r.case
 
 
 def test_decoding_brings_valid_oddities_to_rgb_at_their_oriented_size(corpus):
