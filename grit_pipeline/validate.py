@@ -2,8 +2,9 @@
 
 Per shard: the columns start with `schemas.tables.GRIT_FIELDS` (names and types; non-nullable columns
 hold no nulls), keys are unique across the run. Per row (`schemas.rows.GritRow`): every
-`[start, end, x1, y1, x2, y2, score]` entry has a non-empty span inside the caption, 0 <= x1 < x2 <= 1,
-0 <= y1 < y2 <= 1 and a score in [0, 1]; `noun_chunks` and `ref_exps` align 1:1 and each referring
+`[start, end, x1, y1, x2, y2, score]` entry has a non-empty span inside the caption and a box and score
+that pass `schemas.boxes.check_boxes` (0 <= x1 < x2 <= 1, 0 <= y1 < y2 <= 1 within its float-noise
+tolerance, a score in [0, 1]); `noun_chunks` and `ref_exps` align 1:1 and each referring
 expression contains its chunk. Both grounded views parse back (`schemas.grounded_text`) to exactly the
 caption, and each tagged span with its location tokens is a span of `ref_exps` (or of `noun_chunks`)
 with exactly the boxes those entries give under the run's location encoder.
