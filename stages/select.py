@@ -103,10 +103,52 @@ class SelectStage(Stage[SelectConfig]):
     output_schema: ClassVar[pa.Schema] = SELECT_SCHEMA
 
     def process_batch(self, table: pa.Table) -> StageResult:
-        cfg = self.config
         c = _Candidates.from_table(table)
         n = table.num_rows
+        steps = self._steps(c)
+        kept = steps.kept[_order(_combine(c.row[steps.kept], c.chunk[steps.kept]), c.score[steps.kept],
+                                 [c.x1[steps.kept], c.y1[steps.kept], c.x2[steps.kept], c.y2[steps.kept],
+                                  c.box[steps.kept]])]
 
+        pairs_per_row = np.bincount(c.row[kept], minlength=n)
+        rejects = self.rejects()
+        keys = table["key"].to_pylist()
+        counts = _RowCounts(c, n, steps.valid, steps.assigned, steps.above, steps.area_ok)
+        for i in np.flatnonzero(pairs_per_row == 0):
+            reason, detail = counts.explain(int(i), self.config)
+            rejects.add(keys[i], reason, detail)
+        return StageResult(_pairs_table(table, c, kept, pairs_per_row), rejects.table())
+
+    def explain(self, table: pa.Table) -> list[list[CandidateFate]]:
+        """What this stage does with each candidate of each row of `table` (the stage's input), in input
+        order: for `grit inspect`, which shows detector candidates with the rule in force. A candidate that
+        NMS removed names the better-ranked surviving pair whose box overlapped it."""
+        c = _Candidates.from_table(table)
+        steps = self._steps(c)
+        fate = np.full(len(c.row), "malformed", dtype=object)
+        fate[steps.valid & (c.chunk < 0)] = "unassigned"
+        fate[steps.assigned & ~steps.above] = "below_min_score"
+        fate[steps.above & ~steps.area_ok] = "over_max_box_area"
+        fate[steps.area_ok] = "duplicate"
+        fate[steps.ranked] = "nms"
+        fate[steps.after_nms] = "max_pairs"
+        fate[steps.kept] = "kept"
+        by = _suppressors(c, steps, self.config) if self.config.nms_iou < 1.0 else {}
+        out = []
+        start = 0
+        for i in range(table.num_rows):
+            end = int(np.searchsorted(c.row, i, side="right"))
+            row = []
+            for j in range(start, end):
+                detail = c.box_check.describe(j) if fate[j] == "malformed" else ""
+                sup = by.get(j)
+                row.append(CandidateFate(str(fate[j]), detail, *(sup if sup else (None, None, None))))
+            out.append(row)
+            start = end
+        return out
+
+    def _steps(self, c: _Candidates) -> _Steps:
+        cfg = self.config
         valid = c.valid()
         c.clip_corners()
         assigned = valid & (c.chunk >= 0)
@@ -114,23 +156,63 @@ class SelectStage(Stage[SelectConfig]):
         area_ok = above
         if cfg.max_box_area is not None:
             area_ok = above & ((c.x2 - c.x1) * (c.y2 - c.y1) <= cfg.max_box_area)
+        ranked = _dedupe_pairs(c, np.flatnonzero(area_ok))  # candidate indices, sorted by row then rank
+        after_nms = _nms(c, ranked, cfg.nms_iou, cfg.nms_scope) if cfg.nms_iou < 1.0 else ranked
+        kept = _cap_per_row(c, after_nms, cfg.max_pairs) if cfg.max_pairs is not None else after_nms
+        return _Steps(valid, assigned, above, area_ok, ranked, after_nms, kept)
 
-        kept = _dedupe_pairs(c, np.flatnonzero(area_ok))  # candidate indices, sorted by row then rank
-        if cfg.nms_iou < 1.0:
-            kept = _nms(c, kept, cfg.nms_iou, cfg.nms_scope)
-        if cfg.max_pairs is not None:
-            kept = _cap_per_row(c, kept, cfg.max_pairs)
-        kept = kept[_order(_combine(c.row[kept], c.chunk[kept]), c.score[kept],
-                           [c.x1[kept], c.y1[kept], c.x2[kept], c.y2[kept], c.box[kept]])]
 
-        pairs_per_row = np.bincount(c.row[kept], minlength=n)
-        rejects = self.rejects()
-        keys = table["key"].to_pylist()
-        counts = _RowCounts(c, n, valid, assigned, above, area_ok)
-        for i in np.flatnonzero(pairs_per_row == 0):
-            reason, detail = counts.explain(int(i), cfg)
-            rejects.add(keys[i], reason, detail)
-        return StageResult(_pairs_table(table, c, kept, pairs_per_row), rejects.table())
+@dataclass(frozen=True)
+class CandidateFate:
+    """What `select` does with one candidate. `status`: kept, malformed (`detail` says how), unassigned
+    (chunk -1), below_min_score, over_max_box_area, duplicate (a better entry for the same box and chunk),
+    nms (removed: `by_box`/`by_chunk` is the surviving pair whose box overlapped it with IoU `iou`),
+    max_pairs."""
+
+    status: str
+    detail: str = ""
+    by_box: int | None = None
+    by_chunk: int | None = None
+    iou: float | None = None
+
+
+@dataclass
+class _Steps:
+    """Masks and candidate indices after each step of `select` (indices in rank order)."""
+
+    valid: np.ndarray
+    assigned: np.ndarray
+    above: np.ndarray
+    area_ok: np.ndarray
+    ranked: np.ndarray  # passed every filter, repeated (row, box, chunk) entries reduced to the best
+    after_nms: np.ndarray
+    kept: np.ndarray
+
+
+def _suppressors(c: _Candidates, steps: _Steps, cfg: SelectConfig) -> dict[int, tuple[int, int, float]]:
+    """For each candidate NMS removed: (box, chunk, IoU) of the pair that removed it -- in greedy NMS, the
+    best-ranked surviving pair of its NMS group whose box overlaps it with IoU > nms_iou."""
+    import torch  # only when asked, like NMS itself
+    from torchvision.ops import box_iou
+
+    survivors = steps.after_nms
+    corners = np.stack([c.x1, c.y1, c.x2, c.y2], axis=1)
+    position = np.full(len(c.row), -1)
+    position[steps.ranked] = np.arange(len(steps.ranked))
+    out = {}
+    for j in np.setdiff1d(steps.ranked, survivors):
+        same = survivors[(c.row[survivors] == c.row[j]) & (position[survivors] < position[j])]
+        if cfg.nms_scope == "chunk":
+            same = same[c.chunk[same] == c.chunk[j]]
+        if len(same) == 0:
+            continue
+        same = same[np.argsort(position[same])]
+        ious = box_iou(torch.from_numpy(corners[[j]]), torch.from_numpy(corners[same]))[0].numpy()
+        hit = np.flatnonzero(ious > cfg.nms_iou)
+        if len(hit):
+            k = same[hit[0]]
+            out[int(j)] = (int(c.box[k]), int(c.chunk[k]), float(ious[hit[0]]))
+    return out
 
 
 @dataclass

@@ -368,3 +368,42 @@ def test_a_sliced_batch_gives_the_same_result_as_a_fresh_one():
 def test_repeated_box_chunk_entries_give_one_pair_with_the_best_score():
     pairs, _ = run({"k": [cand(0, 0, .1, .1, .5, .5, .7), cand(0, 0, .1, .1, .5, .5, .9)]}, nms_iou=1.0)
     assert [round(p["score"], 1) for p in pairs["k"]] == [0.9]
+
+
+# --- explain: what grit inspect shows -----------------------------------------------------------------------
+
+def test_explain_gives_each_candidate_its_fate_and_names_the_nms_suppressor():
+    cands = [cand(0, 0, .10, .10, .50, .50, .9),  # kept
+             cand(0, 1, .10, .10, .50, .50, .8),  # same box, worse chunk: removed by (0, 0)
+             cand(1, 2, .12, .10, .52, .50, .85),  # overlaps box 0: removed by (0, 0)
+             cand(2, 1, .60, .60, .90, .90, .5),  # below min_score
+             cand(3, -1, .60, .10, .90, .40, .9),  # unassigned
+             cand(4, 0, float("nan"), .1, .5, .5, .9),  # malformed
+             cand(0, 0, .10, .10, .50, .50, .7)]  # repeat of (0, 0) with a worse score
+    table = batch({"k": cands, "empty": []})
+    stage = SelectStage()
+    fates = stage.explain(table)
+    assert [f.status for f in fates[0]] == ["kept", "nms", "nms", "below_min_score", "unassigned", "malformed",
+                                           "duplicate"]
+    assert fates[1] == []
+    assert (fates[0][1].by_box, fates[0][1].by_chunk, fates[0][1].iou) == (0, 0, 1.0)
+    assert (fates[0][2].by_box, fates[0][2].by_chunk) == (0, 0) and fates[0][2].iou > 0.7
+    assert fates[0][5].detail == "non-finite corner"
+    kept = stage.process_batch(table).output.to_pylist()[0]["pairs"]
+    assert [(p["chunk"], round(p["score"], 1)) for p in kept] == [(0, 0.9)]
+
+
+@pytest.mark.parametrize("scope", ["pair", "box", "chunk"])
+def test_explain_agrees_with_the_output_under_every_scope(scope):
+    rows = random_rows(80, seed=5)
+    stage = SelectStage(SelectConfig(nms_scope=scope, nms_iou=0.4, max_pairs=3))
+    table = batch(rows)
+    out = {r["key"]: r["pairs"] for r in stage.process_batch(table).output.to_pylist()}
+    for (key, cands), fates in zip(rows.items(), stage.explain(table), strict=True):
+        kept = sorted((c["chunk"], c["x1"], c["y1"]) for c, f in zip(cands, fates, strict=True) if f.status == "kept")
+        assert kept == sorted((p["chunk"], p["x1"], p["y1"]) for p in out.get(key, [])), key
+        for c, f in zip(cands, fates, strict=True):
+            if f.status == "nms":
+                assert f.iou > stage.config.nms_iou and (scope != "chunk" or f.by_chunk == c["chunk"])
+    statuses = {f.status for fates in stage.explain(table) for f in fates}
+    assert {"kept", "nms", "below_min_score", "unassigned", "max_pairs"} <= statuses
