@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import ValidationError
 
+from schemas.display import display_text
 from schemas.grounded_text import parse_grounded_caption, parse_markdown_caption
 from schemas.location import encode_box
 from schemas.rows import GritRow
@@ -38,8 +39,9 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
+        """One line safe to print: the file, key and message are shown through `display_text`."""
         where = f"{self.file}" + (f" key {self.key!r}" if self.key is not None else "")
-        return f"{where}: {self.message}"
+        return display_text(f"{where}: {self.message}")
 
 
 @dataclass

@@ -68,6 +68,9 @@ class Resources(BaseModel):
 class StageResult:
     output: pa.Table
     rejects: pa.Table
+    # Counts of things the stage did to rows it passed on, by name (e.g. ingest's "control_chars_removed");
+    # the engine adds them to the shard's stats (`grit_pipeline.stats.shard_stats(counters=...)`).
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
