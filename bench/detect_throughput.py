@@ -140,8 +140,8 @@ def bench_detect(jpegs: list[bytes], sizes: list[int], device: str, batch_size: 
     import torch
 
     from stages.detect import DetectConfig, DetectStage
-    from stages.detectors.config import DetectExecution
     from stages.detectors import tiny
+    from stages.detectors.config import DetectExecution
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,6 +29,7 @@ SCRIPTS: dict[str, list[str]] = {
     "text_throughput": [],
     "chunk_quality": [],
     "select_throughput": [],
+    "nms_rule": [],
     "detect_throughput": [],
     "image_reads": [],
     "engine_overhead": [],

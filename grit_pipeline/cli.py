@@ -87,8 +87,9 @@ def run(
     """Run the pipeline: every stage over every pending shard, committing shard by shard."""
     from grit_pipeline.config import ConfigError
     from grit_pipeline.engine import PlanError, build_plan, execute, shards_of
+    from grit_pipeline.logs import basic_config  # escapes control characters in log lines
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    basic_config(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = _load(config, overrides, address, num_cpus, no_progress)
         plan = build_plan(cfg, input_uri=input, output_uri=output, shards=shards, limit=limit,

@@ -146,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.run_dir and "=" in args.run_dir:  # only overrides given
         args.overrides.insert(0, args.run_dir)
         args.run_dir = DEFAULT_RUN_DIR
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from grit_pipeline.logs import basic_config  # escapes control characters in log lines
+    basic_config(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     res = run_demo(args.run_dir, args.overrides, fresh=args.fresh, report=not args.no_report,
                    progress=not args.no_progress)
     print_result(res)

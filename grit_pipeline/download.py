@@ -516,7 +516,8 @@ def register(app: Any) -> None:
         retries: int | None = typer.Option(None, help="immediate re-tries per url (default 0)"),
     ) -> None:
         """Download image-caption url lists (LAION, COYO, GRIT-20M) into webdataset shards for `grit run`."""
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        from grit_pipeline.logs import basic_config  # escapes control characters in log lines
+        basic_config(level=logging.INFO, format="%(levelname)s %(message)s")
         given = {k: v for k, v in dict(
             url_col=url_col, caption_col=caption_col, image_size=image_size, resize_mode=resize_mode,
             rows_per_shard=rows_per_shard, processes=processes, threads=threads, timeout=timeout,

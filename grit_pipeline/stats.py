@@ -1,10 +1,15 @@
 """Per-shard stage statistics and the merged funnel (`report/summary.json`, `grit stats`).
 
 Each committed shard of each stage has a `stats.json`:
-`{stage, shard, fingerprint, rows_in, rows_out, rejects: {reason: n}, seconds, peak_rss_mb}`, where
-`seconds` is the worker time spent on the shard and `peak_rss_mb` the largest peak RSS of the worker
-processes that handled it. Every row a stage receives is either output or rejected, so
-`rows_in == rows_out + sum(rejects)` holds for every stage and shard; `ShardStats` refuses anything else.
+`{stage, shard, fingerprint, rows_in, rows_out, rejects: {reason: n}, counters: {name: n}, seconds,
+peak_rss_mb}`, where `counters` are the stage's `StageResult.counters` (things it did to rows it passed on,
+e.g. ingest's `control_chars_removed`; absent in files written before they existed), `seconds` is the
+worker time spent on the shard and `peak_rss_mb` the largest peak RSS of the worker processes that handled
+it. Every row a stage receives is either output or rejected, so `rows_in == rows_out + sum(rejects)` holds
+for every stage and shard; `ShardStats` refuses anything else. `merge` sums rejects and counters.
+
+Reasons and counter names are read back from files in the run directory, so the terminal table shows
+them through `schemas.display.display_text` like any other untrusted text.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ class ShardStats(BaseModel):
     rows_in: int = Field(ge=0)
     rows_out: int = Field(ge=0)
     rejects: dict[str, int] = Field(default_factory=dict)
+    counters: dict[str, int] = Field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
-    counters: dict[str, int] = Field(default_factory=dict)  # stage-specific counts (StageResult.counters)
 
     @model_validator(mode="after")
     def _balanced(self) -> ShardStats:
@@ -43,6 +48,7 @@ class ShardStats(BaseModel):
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump()
         data["rejects"] = dict(sorted(self.rejects.items()))
+        data["counters"] = dict(sorted(self.counters.items()))
         data["seconds"] = round(self.seconds, 4)
         data["peak_rss_mb"] = round(self.peak_rss_mb, 1)
         return data
@@ -57,11 +63,13 @@ def reject_counts(rejects: pa.Table) -> dict[str, int]:
 
 
 def shard_stats(stage: str, shard: int, fingerprint: str, rows_in: int, output: pa.Table,
-                rejects: pa.Table, seconds: float = 0.0, peak_rss_mb: float = 0.0,
+                rejects: pa.Table, seconds: float = 0.0, peak_rss_mb: float = 0.0, *,
                 counters: Mapping[str, int] | None = None) -> ShardStats:
+    """Stats of one committed shard; `counters` is the stage's `StageResult.counters` (summed over the
+    shard's batches when it ran in several)."""
     return ShardStats(stage=stage, shard=shard, fingerprint=fingerprint, rows_in=rows_in,
-                      rows_out=output.num_rows, rejects=reject_counts(rejects), seconds=seconds,
-                      peak_rss_mb=peak_rss_mb, counters=dict(sorted((counters or {}).items())))
+                      rows_out=output.num_rows, rejects=reject_counts(rejects), counters=dict(counters or {}),
+                      seconds=seconds, peak_rss_mb=peak_rss_mb)
 
 
 def merge(stage_order: Sequence[str], per_stage: Mapping[str, Iterable[Mapping[str, Any]]],
@@ -73,14 +81,17 @@ def merge(stage_order: Sequence[str], per_stage: Mapping[str, Iterable[Mapping[s
         if not docs:
             continue
         rejects: Counter[str] = Counter()
+        counters: Counter[str] = Counter()
         for d in docs:
             rejects.update(d.rejects)
+            counters.update(d.counters)
         stages[stage] = {
             "fingerprint": (fingerprints or {}).get(stage, docs[0].fingerprint),
             "shards": len(docs),
             "rows_in": sum(d.rows_in for d in docs),
             "rows_out": sum(d.rows_out for d in docs),
             "rejects": dict(sorted(rejects.items())),
+            "counters": dict(sorted(counters.items())),
             "seconds": round(sum(d.seconds for d in docs), 3),
             "peak_rss_mb": round(max(d.peak_rss_mb for d in docs), 1),
         }
@@ -98,16 +109,24 @@ def merge(stage_order: Sequence[str], per_stage: Mapping[str, Iterable[Mapping[s
 
 
 def funnel_table(summary: Mapping[str, Any]):
-    """The funnel as a rich Table (for `grit stats` and the end of `grit run`)."""
+    """The funnel as a rich Table (for `grit stats` and the end of `grit run`); stage counters (e.g. ingest's
+    control_chars_removed) in its caption."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title="GrIT funnel")
+    from schemas.display import display_text
+
+    table = Table(title="GrIT funnel", caption_justify="left")
     for col in ("stage", "shards", "rows in", "rows out", "kept", "top rejects", "seconds"):
         table.add_column(col, justify="left" if col in ("stage", "top rejects") else "right")
     for row in summary.get("funnel", []):
         s = summary["stages"][row["stage"]]
         top = sorted(s["rejects"].items(), key=lambda kv: (-kv[1], kv[0]))[:3]
-        table.add_row(row["stage"], str(s["shards"]), f"{row['rows_in']:,}", f"{row['rows_out']:,}",
-                      f"{row['kept_of_input']:.1%}", ", ".join(f"{k} {v:,}" for k, v in top),
-                      f"{s['seconds']:.1f}")
+        table.add_row(Text(display_text(row["stage"])), str(s["shards"]), f"{row['rows_in']:,}",
+                      f"{row['rows_out']:,}", f"{row['kept_of_input']:.1%}",
+                      Text(display_text(", ".join(f"{k} {v:,}" for k, v in top))), f"{s['seconds']:.1f}")
+    counted = [f"{stage}: " + ", ".join(f"{k} {v:,}" for k, v in s["counters"].items())
+               for stage, s in summary.get("stages", {}).items() if s.get("counters")]
+    if counted:
+        table.caption = Text(display_text("; ".join(counted)), style="dim")
     return table

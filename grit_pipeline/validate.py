@@ -2,8 +2,9 @@
 
 Per shard: the columns start with `schemas.tables.GRIT_FIELDS` (names and types; non-nullable columns
 hold no nulls), keys are unique across the run. Per row (`schemas.rows.GritRow`): every
-`[start, end, x1, y1, x2, y2, score]` entry has a non-empty span inside the caption, 0 <= x1 < x2 <= 1,
-0 <= y1 < y2 <= 1 and a score in [0, 1]; `noun_chunks` and `ref_exps` align 1:1 and each referring
+`[start, end, x1, y1, x2, y2, score]` entry has a non-empty span inside the caption and a box and score
+that pass `schemas.boxes.check_boxes` (0 <= x1 < x2 <= 1, 0 <= y1 < y2 <= 1 within its float-noise
+tolerance, a score in [0, 1]); `noun_chunks` and `ref_exps` align 1:1 and each referring
 expression contains its chunk. Both grounded views parse back (`schemas.grounded_text`) to exactly the
 caption, and each tagged span with its location tokens is a span of `ref_exps` (or of `noun_chunks`)
 with exactly the boxes those entries give under the run's location encoder.
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import ValidationError
 
+from schemas.display import display_text
 from schemas.grounded_text import parse_grounded_caption, parse_markdown_caption
 from schemas.location import encode_box
 from schemas.rows import GritRow
@@ -37,8 +39,9 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
+        """One line safe to print: the file, key and message are shown through `display_text`."""
         where = f"{self.file}" + (f" key {self.key!r}" if self.key is not None else "")
-        return f"{where}: {self.message}"
+        return display_text(f"{where}: {self.message}")
 
 
 @dataclass

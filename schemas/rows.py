@@ -6,10 +6,11 @@ pipeline's hot paths work on Arrow batches directly.
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.boxes import check_boxes
 
 
 class RejectReason(str, Enum):
@@ -48,17 +49,18 @@ class Reject(BaseModel):
 
 
 class SpanBox(BaseModel):
-    """One `[start, end, x1, y1, x2, y2, score]` entry of `noun_chunks` / `ref_exps`."""
+    """One `[start, end, x1, y1, x2, y2, score]` entry of `noun_chunks` / `ref_exps`. The box and score are
+    checked by `schemas.boxes.check_boxes` (corners within its float-noise tolerance are clipped into [0, 1])."""
 
     model_config = ConfigDict(frozen=True)
 
     start: int = Field(ge=0)
     end: int
-    x1: float = Field(ge=0.0, le=1.0)
-    y1: float = Field(ge=0.0, le=1.0)
-    x2: float = Field(ge=0.0, le=1.0)
-    y2: float = Field(ge=0.0, le=1.0)
-    score: float = Field(ge=0.0, le=1.0)
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
 
     @classmethod
     def from_list(cls, values: list[float]) -> SpanBox:
@@ -69,20 +71,29 @@ class SpanBox(BaseModel):
             raise ValueError(f"span offsets must be whole numbers, got {start}, {end}")
         return cls(start=int(start), end=int(end), x1=x1, y1=y1, x2=x2, y2=y2, score=score)
 
-    @field_validator("x1", "y1", "x2", "y2", "score")
+    @model_validator(mode="before")
     @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be finite")
-        return v
+    def _box(cls, data):
+        if not isinstance(data, dict):
+            return data
+        try:
+            corners = [float(data[k]) for k in _CORNERS]
+            score = float(data["score"])
+        except (KeyError, TypeError, ValueError):
+            return data  # field validation names what is missing or not a number
+        check = check_boxes([corners], [score])
+        if not check.ok[0]:
+            raise ValueError(f"{check.describe(0)} (box {tuple(corners)}, score {score})")
+        return {**data, **dict(zip(_CORNERS, (float(v) for v in check.clipped[0]), strict=True))}
 
     @model_validator(mode="after")
     def _ordered(self) -> SpanBox:
         if self.end <= self.start:
             raise ValueError(f"empty or inverted span [{self.start}, {self.end})")
-        if not (self.x1 < self.x2 and self.y1 < self.y2):
-            raise ValueError(f"degenerate or inverted box ({self.x1}, {self.y1}, {self.x2}, {self.y2})")
         return self
+
+
+_CORNERS = ("x1", "y1", "x2", "y2")
 
 
 class GritRow(BaseModel):

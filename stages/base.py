@@ -77,7 +77,9 @@ class Resources(BaseModel):
 class StageResult:
     output: pa.Table
     rejects: pa.Table
-    counters: dict[str, int] = field(default_factory=dict)  # e.g. rows a stage changed; summed in the stats
+    # Counts of things the stage did to rows it passed on, by name (e.g. ingest's "control_chars_removed");
+    # the engine adds them to the shard's stats (`grit_pipeline.stats.shard_stats(counters=...)`).
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

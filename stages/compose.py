@@ -18,19 +18,22 @@ span). Containment is decided first, over all expressions; crossings are resolve
 the filter off, the noun-chunk spans are tagged instead (they never nest; the same overlap rule guards it).
 
 Every written caption is parsed back; a row whose views do not give back exactly its caption and spans is
-rejected (`unsafe_caption`) rather than emitted. Bad pairs (chunk index out of range, non-finite or
-out-of-range or inverted boxes, scores outside [0, 1]) reject the row with `bad_detection`; chunks whose
+rejected (`unsafe_caption`) rather than emitted. Bad pairs (chunk index out of range, a box or score that
+fails `schemas.boxes.check_boxes`, checked for the whole batch at once; corners within its float-noise
+tolerance are clipped into [0, 1]) reject the row with `bad_detection`; chunks whose
 offsets do not fit the caption with `bad_chunk`; a row without pairs with `no_box`. Other rows are untouched.
 """
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
+from schemas.boxes import BoxCheck, check_boxes
 from schemas.grounded_text import (
     GroundedSpan,
     ParsedCaption,
@@ -60,13 +63,6 @@ class ComposeConfig(StageConfig):
         description="Box -> patch-index rule: 'unilm' (official Kosmos-2 training code: floor both corners) or "
         "'hf' (transformers: bottom-right ceil(v*32 - 1)). They differ only on exact cell edges.",
     )
-    box_tolerance: float = Field(
-        1e-6,
-        ge=0.0,
-        le=0.01,
-        description="Box corners at most this far outside [0, 1] (float noise from the detector) are clipped "
-        "into it; farther ones reject the row with 'bad_detection'.",
-    )
 
 
 class _Reject(Exception):
@@ -85,7 +81,7 @@ def passthrough_columns(names: list[str]) -> list[str]:
 
 class ComposeStage(Stage[ComposeConfig]):
     name: ClassVar[str] = "compose"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # v2: boxes checked by schemas.boxes (bad_detection details reworded)
     Config: ClassVar[type[StageConfig]] = ComposeConfig
     Execution: ClassVar[type[Execution]] = Execution
     output_schema: ClassVar[pa.Schema] = GRIT_SCHEMA  # followed by the passthrough columns, in input order
@@ -94,12 +90,14 @@ class ComposeStage(Stage[ComposeConfig]):
         rejects = self.rejects()
         columns = {name: table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
                    for name in ("key", "url", "caption", "width", "height", "chunks", "pairs")}
+        boxes, first_pair = _check_pairs(table)
         kept: list[int] = []
         out: dict[str, list] = {n: [] for n in ("noun_chunks", "ref_exps", "grounded_caption", "markdown_caption")}
         for i, key in enumerate(columns["key"]):
             try:
                 noun_chunks, ref_exps, grounded, markdown = self.compose_row(
-                    columns["caption"][i], columns["chunks"][i] or [], columns["pairs"][i] or [])
+                    columns["caption"][i], columns["chunks"][i] or [], columns["pairs"][i] or [],
+                    boxes, int(first_pair[i]))
             except _Reject as r:
                 rejects.add(key, r.reason, r.detail)
                 continue
@@ -123,9 +121,10 @@ class ComposeStage(Stage[ComposeConfig]):
 
     # --- one row ----------------------------------------------------------------------------------------
 
-    def compose_row(self, caption: str | None, chunks: list[dict], pairs: list[dict]
-                    ) -> tuple[list[list[float]], list[list[float]], str, str]:
-        """(noun_chunks, ref_exps, grounded_caption, markdown_caption) of one row; raises _Reject."""
+    def compose_row(self, caption: str | None, chunks: list[dict], pairs: list[dict], boxes: BoxCheck,
+                    first: int) -> tuple[list[list[float]], list[list[float]], str, str]:
+        """(noun_chunks, ref_exps, grounded_caption, markdown_caption) of one row; raises _Reject.
+        `boxes` is the batch's pair check (`_check_pairs`); the row's pairs are its entries from `first` on."""
         if not caption:
             raise _Reject(RejectReason.EMPTY_CAPTION, "caption is empty or null")
         if not pairs:
@@ -140,10 +139,12 @@ class ComposeStage(Stage[ComposeConfig]):
             if not 0 <= c < len(chunks):
                 raise _Reject(RejectReason.BAD_DETECTION, f"pair {p} refers to chunk {c}; the row has {len(chunks)}")
             chunk = self._check_chunk(chunks[c], c, len(caption))
-            box = self._check_box(pair, p)
+            if not boxes.ok[first + p]:
+                corners = tuple(pair[k] for k in ("x1", "y1", "x2", "y2"))
+                raise _Reject(RejectReason.BAD_DETECTION, f"pair {p}: {boxes.describe(first + p)} "
+                              f"(box {corners}, score {pair['score']})")
+            box = tuple(float(v) for v in boxes.clipped[first + p])
             score = pair["score"]
-            if not (math.isfinite(score) and 0.0 <= score <= 1.0):
-                raise _Reject(RejectReason.BAD_DETECTION, f"pair {p} has score {score}, outside [0, 1]")
             entries.append(((-score, chunk["start"], chunk["end"], *box, c), chunk, box, score))
         entries.sort(key=lambda e: e[0])
 
@@ -196,12 +197,21 @@ class ComposeStage(Stage[ComposeConfig]):
                           f"fit a caption of {n} chars")
         return chunk
 
-    def _check_box(self, pair: dict, index: int) -> tuple[float, float, float, float]:
-        tol = self.config.box_tolerance
-        box = tuple(pair[k] for k in ("x1", "y1", "x2", "y2"))
-        if not all(math.isfinite(v) and -tol <= v <= 1.0 + tol for v in box):
-            raise _Reject(RejectReason.BAD_DETECTION, f"pair {index} box {box} is not finite or outside [0, 1]")
-        x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in box)
-        if not (x1 < x2 and y1 < y2):
-            raise _Reject(RejectReason.BAD_DETECTION, f"pair {index} box {box} is inverted or empty")
-        return x1, y1, x2, y2
+
+
+def _check_pairs(table: pa.Table) -> tuple[BoxCheck, np.ndarray]:
+    """The box check of every pair of the batch, and per row the index of its first pair in it."""
+    n = table.num_rows
+    if "pairs" not in table.column_names:
+        return check_boxes(np.zeros((0, 4)), np.zeros(0)), np.zeros(n, np.int64)
+    lists = table["pairs"].combine_chunks()
+    values = lists.flatten()  # honours slicing offsets and skips null lists
+
+    def field(name: str) -> np.ndarray:
+        arr = pc.fill_null(pc.struct_field(values, name).cast(pa.float64()), np.nan)
+        return arr.to_numpy(zero_copy_only=False)
+
+    xyxy = np.stack([field(k) for k in ("x1", "y1", "x2", "y2")], axis=1).reshape(-1, 4)
+    per_row = np.bincount(pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64),
+                          minlength=n)
+    return check_boxes(xyxy, field("score")), np.r_[0, np.cumsum(per_row)[:-1]].astype(np.int64)

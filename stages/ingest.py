@@ -4,7 +4,14 @@ metadata) into the pipeline's first table, `schemas.tables.INGEST_SCHEMA` plus p
 Unlike the other stages, ingest reads the source itself, so the engine calls two more methods:
 `discover(input_uri)` lists the source shards (the unit of work and resume, DESIGN.md "Run directory"),
 and `read(shard)` returns one shard's raw rows. `process_batch` then validates them: it normalizes the
-caption and rejects what cannot go on. Format-specific reading lives in `stages.sources`, one module per
+caption and rejects what cannot go on.
+
+Caption normalization, before anything downstream computes a character offset: C0 and C1 control
+characters (U+0000-U+001F, U+007F-U+009F: NUL, ESC, BEL, an 8-bit CSI ...) are removed, except the ones
+that are whitespace (tab, line feed, VT, FF, CR, NEL), which `caption_whitespace` handles like any other
+whitespace. Emoji, combining marks, right-to-left scripts and other Unicode are kept. The stage's
+`StageResult.counters["control_chars_removed"]` counts the rows passed on whose caption lost a control
+character. Format-specific reading lives in `stages.sources`, one module per
 format; this module holds the config and the format-independent checks.
 
 Rejects (each input row gets at most one; the first that applies wins, in this order):
@@ -13,7 +20,7 @@ Rejects (each input row gets at most one; the first that applies wins, in this o
   bad_source_row    the key is empty, longer than 256 characters, or holds `/`, `\\`, `..` or a
                     control character (keys become parts of URLs and paths in tools downstream)
   missing_image     the row's image is not where the source says (only when require_image)
-  empty_caption     null, empty or whitespace-only caption
+  empty_caption     null, empty, or whitespace- and control-character-only caption
   caption_too_long  more than max_caption_chars characters after whitespace normalization
   duplicate_key     a key already kept earlier in the same shard (the first occurrence is kept).
                     Duplicates in different shards are not detected: shards are processed independently,
@@ -42,12 +49,14 @@ __all__ = ["IngestConfig", "IngestStage", "SourceSchemaError", "SourceShard"]
 # ideographic space and the line/paragraph separators; U+0085 is NEL.
 WHITESPACE = r"[\s\x{0B}\x{85}\p{Z}]+"
 BAD_KEY_CHARS = r"/|\\|\.\.|[\x00-\x1f\x7f-\x{9f}]"
+# C0 and C1 controls and DEL, minus the whitespace ones (\t \n \v \f \r, NEL U+0085)
+CONTROL_CHARS = r"[\x00-\x08\x0e-\x1f\x7f-\x{84}\x{86}-\x{9f}]"
 MAX_KEY_CHARS = 256
 
 
 class IngestStage(Stage[IngestConfig]):
     name: ClassVar[str] = "ingest"
-    version: ClassVar[int] = 2  # 2: image_offset/image_size (where a tar member's bytes are)
+    version: ClassVar[int] = 2  # 2: image_offset/image_size; control characters removed from captions
     Config: ClassVar[type[StageConfig]] = IngestConfig
     Execution: ClassVar[type[Execution]] = Execution  # one task per whole shard (duplicate keys are per shard)
     output_schema: ClassVar[pa.Schema] = INGEST_SCHEMA  # passthrough columns follow
@@ -114,11 +123,15 @@ class IngestStage(Stage[IngestConfig]):
             reject(missing, RejectReason.MISSING_IMAGE, lambda i: why_missing[i] or "no image_ref")
 
         raw_caption = table["caption"].cast(pa.string()).combine_chunks()
-        caption = normalize_captions(raw_caption, cfg.caption_whitespace)
-        visible = normalize_captions(raw_caption, "strip")
+        without_controls = remove_control_chars(raw_caption)
+        controls_removed = _filled(pc.not_equal(raw_caption, without_controls), False)
+        caption = normalize_captions(without_controls, cfg.caption_whitespace)
+        visible = normalize_captions(without_controls, "strip")
         empty = _filled(pc.equal(pc.utf8_length(visible), 0), True)
         reject(empty, RejectReason.EMPTY_CAPTION,
-               lambda i: "caption is null" if not raw_caption[i].is_valid else "caption is empty or whitespace")
+               lambda i: "caption is null" if not raw_caption[i].is_valid
+               else "caption is empty or whitespace" if not controls_removed[i]
+               else "caption holds only whitespace and control characters")
         if cfg.max_caption_chars is not None:
             length = _filled(pc.utf8_length(caption), 0)
             reject(length > cfg.max_caption_chars, RejectReason.CAPTION_TOO_LONG,
@@ -138,7 +151,8 @@ class IngestStage(Stage[IngestConfig]):
             if reason is not None:
                 rejects.add(key_list[i] if key_list[i] is not None else f"<row {i}>", reason, details[i] or "")
         kept = np.array([r is None for r in reasons], dtype=bool)
-        return StageResult(self._output(table, caption, kept), rejects.table())
+        return StageResult(self._output(table, caption, kept), rejects.table(),
+                           counters={"control_chars_removed": int((controls_removed & kept).sum())})
 
     def _output(self, table: pa.Table, caption: pa.Array, kept: np.ndarray) -> pa.Table:
         idx = pa.array(np.flatnonzero(kept), pa.int64())
@@ -165,6 +179,11 @@ class IngestStage(Stage[IngestConfig]):
                 fields.append(field)
                 arrays.append(pc.take(table[field.name], idx))
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def remove_control_chars(captions: pa.Array) -> pa.Array:
+    """Captions without C0/C1 control characters other than whitespace (`CONTROL_CHARS`); nulls stay null."""
+    return pc.replace_substring_regex(captions, CONTROL_CHARS, "")
 
 
 def normalize_captions(captions: pa.Array, mode: str) -> pa.Array:

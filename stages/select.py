@@ -7,9 +7,10 @@ thresholds" re-runs on CPU, so it works on whole batches: one vectorized pass ov
 batch, and torchvision's `batched_nms` over blocks of images rather than one call per image.
 
 Per image, in order:
-1. Malformed candidates are dropped: a non-finite corner or score, a corner outside [0, 1], an inverted
-   or empty box (x1 >= x2 or y1 >= y2), a score outside [0, 1], a negative box id, a chunk below -1, or
-   (when the batch has `chunks`) a chunk index past the row's chunk list. If every candidate of a row is
+1. Malformed candidates are dropped: a box that fails `schemas.boxes.check_boxes` (a non-finite corner,
+   a corner outside [0, 1] beyond `schemas.boxes.BOX_TOLERANCE`, an inverted or empty box, a score outside
+   [0, 1]), a negative box id, a chunk below -1, or (when the batch has `chunks`) a chunk index past the
+   row's chunk list. Corners within the tolerance are clipped into [0, 1]. If every candidate of a row is
    malformed the row is rejected `bad_detection`; a null candidate list is `bad_detection` too.
 2. Unassigned candidates (chunk -1: the box's tokens map to no chunk) are dropped.
 3. Pairs with score <= min_score are dropped (compared in float32, the type scores are stored in, so a
@@ -19,15 +20,26 @@ Per image, in order:
 5. NMS (`nms_scope`, below), then with max_pairs the highest-scoring pairs are kept.
 A row left without pairs is rejected `no_box`, with a detail that counts what removed its candidates.
 
-NMS over pairs, `nms_scope: image` (the default; the paper's class-agnostic NMS): one box can be paired
-with several chunks ("a man", "a person"), so NMS runs over the image's distinct boxes (by `box` id),
-each ranked by its best kept pair score; a surviving box keeps all of its kept pairs, a suppressed box
-loses all of them. `nms_scope: chunk` runs NMS separately within each chunk's pairs (GLIP's per-class
-NMS); the published GRIT-20M sample row keeps two boxes with IoU 0.69 for two different chunks, which
-class-agnostic NMS at IoU 0.5 would not, so this mode is closer to how the release was made.
+NMS, `nms_scope: pair` (the default): the paper's rule (Kosmos-2 section 2: "Non-maximum suppression
+algorithm is applied to remove bounding boxes that have a high overlap with others, even if they are not
+for the same noun chunk"). Class-agnostic greedy NMS over all (box, chunk) pairs of an image, ranked by
+pair score: a pair is removed when its box overlaps a better-ranked surviving pair's box with IoU >
+nms_iou, whatever the two chunks. The same box scored for two chunks overlaps itself with IoU 1, so a box
+survives for its best chunk only -- as with GLIP, where every (box, phrase) is its own detection.
+`nms_scope: box` is select v1's rule, for detectors whose one box legitimately answers several phrases
+("a man", "a person"): NMS over the image's distinct boxes (by `box` id), each ranked by its best kept
+pair; a surviving box keeps every chunk it scored above min_score for, a suppressed box loses them all.
+`nms_scope: chunk` runs NMS separately within each chunk's pairs (GLIP's per-class NMS).
+
+The default `nms_iou` 0.7 is chosen from the release: the published GRIT-20M sample row keeps two boxes of
+two chunks with IoU 0.688, so if the release applied class-agnostic NMS its threshold was above 0.69; 0.7
+is the lowest round threshold that keeps that row and still removes the duplicate boxes the paper's rule
+is for. nms_iou >= 1.0 disables NMS.
 
 Ties are broken by (score desc, x1, y1, x2, y2, box id, chunk), so the output never depends on the
-candidates' order. Pairs of a row are sorted by chunk, then score descending, then coordinates.
+candidates' order: of two pairs with the same score, the one whose box comes first in that order wins, and
+of one box's equal-scored pairs, the lower chunk index. Pairs of a row are sorted by chunk, then score
+descending, then coordinates.
 """
 
 from __future__ import annotations
@@ -39,8 +51,9 @@ from typing import ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from schemas.boxes import BOX_PROBLEMS, BoxCheck, check_boxes
 from schemas.rows import RejectReason
 from schemas.tables import PAIR_TYPE, SELECT_SCHEMA
 from stages.base import Execution, Stage, StageConfig, StageResult
@@ -57,54 +70,149 @@ class SelectConfig(StageConfig):
         0.65, ge=0.0, le=1.0,
         description="Keep chunk-box pairs with score strictly above this (the paper: confidence > 0.65).")
     nms_iou: float = Field(
-        0.5, gt=0.0,
-        description="NMS IoU threshold: a box overlapping a better one with IoU > nms_iou is removed. The "
-        "paper does not state its value; 0.5 is the common detector default. >= 1.0 disables NMS.")
-    nms_scope: Literal["image", "chunk"] = Field(
-        "image", description="image: class-agnostic NMS across all chunks of an image (the paper); "
-        "chunk: NMS within each chunk's boxes only.")
+        0.7, gt=0.0,
+        description="NMS IoU threshold: a pair whose box overlaps a better pair's box with IoU > nms_iou is "
+        "removed. The paper does not state its value; the published GRIT-20M row keeps two boxes of two "
+        "chunks with IoU 0.688, so 0.7 keeps it while removing duplicates. >= 1.0 disables NMS.")
+    nms_scope: Literal["pair", "box", "chunk"] = Field(
+        "pair", description="pair: class-agnostic NMS over all (box, chunk) pairs of an image, so a box "
+        "survives for its best chunk only (the paper); box: NMS over distinct boxes, a surviving box keeps "
+        "every chunk it scored above min_score (select v1, for detectors whose one box answers several "
+        "phrases); chunk: NMS within each chunk's boxes only.")
     max_box_area: float | None = Field(
         None, gt=0.0, le=1.0,
         description="Drop boxes covering more than this fraction of the image (None = off).")
     max_pairs: int | None = Field(
         None, ge=1, description="Keep at most this many pairs per caption, the highest-scoring (None = all).")
 
+    @field_validator("nms_scope", mode="before")
+    @classmethod
+    def _renamed_scope(cls, value):
+        if value == "image":
+            raise ValueError("nms_scope 'image' is gone since select v2: 'pair' is the paper's class-agnostic "
+                             "NMS (a box survives for its best chunk only; the default), 'box' is what 'image' "
+                             "did (a surviving box keeps all of its chunks)")
+        return value
+
 
 class SelectStage(Stage[SelectConfig]):
     name: ClassVar[str] = "select"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # v2: nms_scope pair (the paper's rule) and nms_iou 0.7 by default; one box check
     Config: ClassVar[type[StageConfig]] = SelectConfig
     Execution: ClassVar[type[Execution]] = Execution
     output_schema: ClassVar[pa.Schema] = SELECT_SCHEMA
 
     def process_batch(self, table: pa.Table) -> StageResult:
-        cfg = self.config
         c = _Candidates.from_table(table)
         n = table.num_rows
+        steps = self._steps(c)
+        kept = steps.kept[_order(_combine(c.row[steps.kept], c.chunk[steps.kept]), c.score[steps.kept],
+                                 [c.x1[steps.kept], c.y1[steps.kept], c.x2[steps.kept], c.y2[steps.kept],
+                                  c.box[steps.kept]])]
 
+        pairs_per_row = np.bincount(c.row[kept], minlength=n)
+        rejects = self.rejects()
+        keys = table["key"].to_pylist()
+        counts = _RowCounts(c, n, steps.valid, steps.assigned, steps.above, steps.area_ok)
+        for i in np.flatnonzero(pairs_per_row == 0):
+            reason, detail = counts.explain(int(i), self.config)
+            rejects.add(keys[i], reason, detail)
+        return StageResult(_pairs_table(table, c, kept, pairs_per_row), rejects.table())
+
+    def explain(self, table: pa.Table) -> list[list[CandidateFate]]:
+        """What this stage does with each candidate of each row of `table` (the stage's input), in input
+        order: for `grit inspect`, which shows detector candidates with the rule in force. A candidate that
+        NMS removed names the better-ranked surviving pair whose box overlapped it."""
+        c = _Candidates.from_table(table)
+        steps = self._steps(c)
+        fate = np.full(len(c.row), "malformed", dtype=object)
+        fate[steps.valid & (c.chunk < 0)] = "unassigned"
+        fate[steps.assigned & ~steps.above] = "below_min_score"
+        fate[steps.above & ~steps.area_ok] = "over_max_box_area"
+        fate[steps.area_ok] = "duplicate"
+        fate[steps.ranked] = "nms"
+        fate[steps.after_nms] = "max_pairs"
+        fate[steps.kept] = "kept"
+        by = _suppressors(c, steps, self.config) if self.config.nms_iou < 1.0 else {}
+        out = []
+        start = 0
+        for i in range(table.num_rows):
+            end = int(np.searchsorted(c.row, i, side="right"))
+            row = []
+            for j in range(start, end):
+                detail = c.box_check.describe(j) if fate[j] == "malformed" else ""
+                sup = by.get(j)
+                row.append(CandidateFate(str(fate[j]), detail, *(sup if sup else (None, None, None))))
+            out.append(row)
+            start = end
+        return out
+
+    def _steps(self, c: _Candidates) -> _Steps:
+        cfg = self.config
         valid = c.valid()
+        c.clip_corners()
         assigned = valid & (c.chunk >= 0)
         above = assigned & (c.score > np.float32(cfg.min_score))
         area_ok = above
         if cfg.max_box_area is not None:
             area_ok = above & ((c.x2 - c.x1) * (c.y2 - c.y1) <= cfg.max_box_area)
+        ranked = _dedupe_pairs(c, np.flatnonzero(area_ok))  # candidate indices, sorted by row then rank
+        after_nms = _nms(c, ranked, cfg.nms_iou, cfg.nms_scope) if cfg.nms_iou < 1.0 else ranked
+        kept = _cap_per_row(c, after_nms, cfg.max_pairs) if cfg.max_pairs is not None else after_nms
+        return _Steps(valid, assigned, above, area_ok, ranked, after_nms, kept)
 
-        kept = _dedupe_pairs(c, np.flatnonzero(area_ok))  # candidate indices, sorted by row then rank
-        if cfg.nms_iou < 1.0:
-            kept = _nms(c, kept, cfg.nms_iou, cfg.nms_scope)
-        if cfg.max_pairs is not None:
-            kept = _cap_per_row(c, kept, cfg.max_pairs)
-        kept = kept[_order(_combine(c.row[kept], c.chunk[kept]), c.score[kept],
-                           [c.x1[kept], c.y1[kept], c.x2[kept], c.y2[kept], c.box[kept]])]
 
-        pairs_per_row = np.bincount(c.row[kept], minlength=n)
-        rejects = self.rejects()
-        keys = table["key"].to_pylist()
-        counts = _RowCounts(c, n, valid, assigned, above, area_ok)
-        for i in np.flatnonzero(pairs_per_row == 0):
-            reason, detail = counts.explain(int(i), cfg)
-            rejects.add(keys[i], reason, detail)
-        return StageResult(_pairs_table(table, c, kept, pairs_per_row), rejects.table())
+@dataclass(frozen=True)
+class CandidateFate:
+    """What `select` does with one candidate. `status`: kept, malformed (`detail` says how), unassigned
+    (chunk -1), below_min_score, over_max_box_area, duplicate (a better entry for the same box and chunk),
+    nms (removed: `by_box`/`by_chunk` is the surviving pair whose box overlapped it with IoU `iou`),
+    max_pairs."""
+
+    status: str
+    detail: str = ""
+    by_box: int | None = None
+    by_chunk: int | None = None
+    iou: float | None = None
+
+
+@dataclass
+class _Steps:
+    """Masks and candidate indices after each step of `select` (indices in rank order)."""
+
+    valid: np.ndarray
+    assigned: np.ndarray
+    above: np.ndarray
+    area_ok: np.ndarray
+    ranked: np.ndarray  # passed every filter, repeated (row, box, chunk) entries reduced to the best
+    after_nms: np.ndarray
+    kept: np.ndarray
+
+
+def _suppressors(c: _Candidates, steps: _Steps, cfg: SelectConfig) -> dict[int, tuple[int, int, float]]:
+    """For each candidate NMS removed: (box, chunk, IoU) of the pair that removed it -- in greedy NMS, the
+    best-ranked surviving pair of its NMS group whose box overlaps it with IoU > nms_iou."""
+    import torch  # only when asked, like NMS itself
+    from torchvision.ops import box_iou
+
+    survivors = steps.after_nms
+    corners = np.stack([c.x1, c.y1, c.x2, c.y2], axis=1)
+    position = np.full(len(c.row), -1)
+    position[steps.ranked] = np.arange(len(steps.ranked))
+    out = {}
+    for j in np.setdiff1d(steps.ranked, survivors):
+        same = survivors[(c.row[survivors] == c.row[j]) & (position[survivors] < position[j])]
+        if cfg.nms_scope == "chunk":
+            same = same[c.chunk[same] == c.chunk[j]]
+        if len(same) == 0:
+            continue
+        same = same[np.argsort(position[same])]
+        ious = box_iou(torch.from_numpy(corners[[j]]), torch.from_numpy(corners[same]))[0].numpy()
+        hit = np.flatnonzero(ious > cfg.nms_iou)
+        if len(hit):
+            k = same[hit[0]]
+            out[int(j)] = (int(c.box[k]), int(c.chunk[k]), float(ious[hit[0]]))
+    return out
 
 
 @dataclass
@@ -147,20 +255,23 @@ class _Candidates:
 
     @cached_property
     def problems(self) -> dict[str, np.ndarray]:
-        """Each malformation check as a boolean mask over candidates (True = this problem)."""
-        corners = np.stack([self.x1, self.y1, self.x2, self.y2])
-        with np.errstate(invalid="ignore"):
-            out = {
-                "non-finite corner": ~np.isfinite(corners).all(axis=0),
-                "corner outside [0, 1]": ((corners < 0) | (corners > 1)).any(axis=0),
-                "inverted or empty box": ~((self.x1 < self.x2) & (self.y1 < self.y2)) & np.isfinite(corners).all(axis=0),
-                "score not a number in [0, 1]": ~((self.score >= 0) & (self.score <= 1)),
-                "negative box id": self.box < 0,
-                "chunk index below -1": self.chunk < -1,
-            }
+        """Each malformation check as a boolean mask over candidates (True = this problem), worded as in
+        `schemas.boxes.BOX_PROBLEMS` for the box and score checks."""
+        boxes = self.box_check
+        out = {BOX_PROBLEMS[name]: mask for name, mask in boxes.problems.items()}
+        out["negative box id"] = self.box < 0
+        out["chunk index below -1"] = self.chunk < -1
         if self.n_chunks is not None:
             out["chunk index past the row's chunks"] = self.chunk >= self.n_chunks[self.row]
         return out
+
+    @cached_property
+    def box_check(self) -> BoxCheck:
+        return check_boxes(np.stack([self.x1, self.y1, self.x2, self.y2], axis=1), self.score)
+
+    def clip_corners(self) -> None:
+        """Replace the corners by the box check's clipped ones (within BOX_TOLERANCE of [0, 1])."""
+        self.x1, self.y1, self.x2, self.y2 = (np.ascontiguousarray(c) for c in self.box_check.clipped.T)
 
     def valid(self) -> np.ndarray:
         bad = np.zeros(len(self.row), dtype=bool)
@@ -185,7 +296,10 @@ def _nms(c: _Candidates, ranked: np.ndarray, iou: float, scope: str) -> np.ndarr
     """The candidates of `ranked` (rank order) that survive NMS in the given scope, still in rank order."""
     rank = np.empty(len(c.row), dtype=np.float64)
     rank[ranked] = -np.arange(len(ranked), dtype=np.float64)  # NMS "score": unique, higher = better
-    if scope == "image":
+    if scope == "pair":
+        # every (box, chunk) pair is an NMS item, grouped by image; rows ascend in rank order
+        items, group = ranked, c.row[ranked]
+    elif scope == "box":
         # one NMS item per distinct (row, box): its best-ranked pair, which comes first in `ranked`
         box_id = _combine(c.row[ranked], c.box[ranked])
         _, first = np.unique(box_id, return_index=True)
@@ -197,7 +311,9 @@ def _nms(c: _Candidates, ranked: np.ndarray, iou: float, scope: str) -> np.ndarr
         items, group = ranked[order], group[order]
     boxes = np.stack([c.x1[items], c.y1[items], c.x2[items], c.y2[items]], axis=1)
     survivors = _batched_nms_blocks(boxes, rank[items], group, iou)
-    if scope == "image":
+    if scope == "pair":
+        return ranked[survivors]  # items are `ranked` itself; survivors come sorted
+    if scope == "box":
         return ranked[np.isin(box_id, box_id[first[survivors]])]
     return ranked[np.isin(ranked, items[survivors])]
 

@@ -4,13 +4,13 @@ captions, bad input rejected with specific reasons while neighbours are kept."""
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from schemas.boxes import BOX_TOLERANCE
 from schemas.grounded_text import GroundedSpan, parse_grounded_caption, parse_markdown_caption
 from schemas.location import encode_box, location_tokens
 from schemas.rows import GritRow
@@ -273,8 +273,10 @@ def test_box_within_tolerance_is_clipped():
     out, rejects = run([row])
     assert rejects.num_rows == 0
     assert out.column("noun_chunks")[0].as_py()[0][2:6] == [0.0, 0.0, 1.0, 0.5]
-    out, rejects = run([row], box_tolerance=0.0)
+    beyond = {**row, "pairs": [pair(1, (0.0, 0.0, 1.0 + 2 * BOX_TOLERANCE, 0.5), 0.8)]}
+    out, rejects = run([beyond])
     assert rejects.column("reason").to_pylist() == ["bad_detection"]
+    assert "corner outside [0, 1]" in rejects.column("detail")[0].as_py()
 
 
 # --- schema, determinism, config -------------------------------------------------------------------------
@@ -308,7 +310,7 @@ def test_same_input_same_bytes(tmp_path):
 
 def test_config_and_registry():
     assert stage_class("compose") is ComposeStage
-    assert ComposeStage.name == "compose" and ComposeStage.version == 1
+    assert ComposeStage.name == "compose" and ComposeStage.version == 2
     assert all(f.description for f in ComposeConfig.model_fields.values())
     cfg = ComposeConfig()
     assert cfg.containment_filter is True and cfg.location_encoder == "unilm"
@@ -316,4 +318,4 @@ def test_config_and_registry():
         ComposeConfig(location_encoder="glip")
     with pytest.raises(ValueError):
         ComposeConfig(containment_filtr=False)
-    assert not math.isnan(cfg.box_tolerance)
+    assert "box_tolerance" not in ComposeConfig.model_fields  # one tolerance for every checker: schemas.boxes

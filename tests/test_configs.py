@@ -51,7 +51,7 @@ def test_config_loads_and_every_key_is_a_stage_field(path):
 def test_default_config_is_groundingdino_with_the_paper_thresholds():
     cfg = load_config(REPO / "configs" / "default.yaml")
     assert cfg.detect.backend == "groundingdino" and cfg.detect.gd_checkpoint
-    assert cfg.select.min_score == 0.65 and cfg.select.nms_scope == "image"
+    assert cfg.select.min_score == 0.65 and cfg.select.nms_scope == "pair" and cfg.select.nms_iou == 0.7
     assert cfg.compose.containment_filter and cfg.compose.location_encoder == "unilm"
 
 

@@ -307,6 +307,52 @@ def test_caption_whitespace_modes(tmp_path, mode, expected):
     assert rows_by_key(outputs)["000000"]["caption"] == expected
 
 
+def _captions_table(captions: list[str | None]) -> pa.Table:
+    n = len(captions)
+    return pa.table({"key": [f"k{i}" for i in range(n)], "shard": pa.array([0] * n, pa.int32()),
+                     "caption": pa.array(captions, pa.string())})
+
+
+@pytest.mark.parametrize("mode", ["collapse", "strip", "keep"])
+def test_control_characters_are_removed_and_whitespace_ones_normalized(mode):
+    captions = ["a dog\x00 in a\x1b[31m field", "bell\x07 and delete\x7f and csi\x9b31m",
+                "tab\tnel\x85 end", "a plain caption", "\x00\x1b\x07", None]
+    res = IngestStage(IngestConfig(caption_whitespace=mode)).process_batch(_captions_table(captions))
+    out = {r["key"]: r["caption"] for r in res.output.to_pylist()}
+    assert out["k0"] == "a dog in a[31m field"
+    assert out["k1"] == "bell and delete and csi31m"
+    assert out["k2"] == {"collapse": "tab nel end", "strip": "tab\tnel\x85 end", "keep": "tab\tnel\x85 end"}[mode]
+    assert out["k3"] == "a plain caption"
+    assert reasons([res.rejects]) == {"k4": ("empty_caption", "caption holds only whitespace and control characters"),
+                                      "k5": ("empty_caption", "caption is null")}
+    for caption in out.values():
+        assert not any(0x00 <= ord(ch) < 0x20 and ch not in "\t\n\v\f\r" or 0x7f <= ord(ch) <= 0x9f and ch != "\x85"
+                       for ch in caption)
+    assert res.counters == {"control_chars_removed": 2}  # k0 and k1; k4 was rejected, k2 only had whitespace
+
+
+def test_legitimate_unicode_is_kept_as_it_is():
+    captions = ["a brown dog \U0001f436 on the grass \U0001f33f", "caf\u00e9 and cafe\u0301 (combining)",
+                "a red dog \u05db\u05dc\u05d1 \u0639\u0644\u0649 \u0627\u0644\u0639\u0634\u0628",
+                "a flag \U0001f1fa\U0001f1f8 and a family \U0001f468\u200d\U0001f469\u200d\U0001f467",
+                "bidi \u202eoverride\u202c stays: display escapes it"]
+    res = IngestStage().process_batch(_captions_table(captions))
+    assert res.output["caption"].to_pylist() == captions
+    assert res.counters == {"control_chars_removed": 0}
+
+
+def test_chunks_of_a_caption_with_control_characters_hold_none():
+    from stages.chunks import ChunksStage
+
+    res = IngestStage().process_batch(_captions_table(["a dog\x00 in a\x1b[31m field"]))
+    caption = res.output["caption"][0].as_py()
+    chunks_stage = ChunksStage()
+    chunks_stage.setup()
+    chunked = chunks_stage.process_batch(res.output.select(["key", "caption"]))
+    spans = [caption[c["start"]:c["end"]] for c in chunked.output["chunks"][0].as_py()]
+    assert "a dog" in spans and not any("\x1b" in s or "\x00" in s for s in spans)
+
+
 def test_max_caption_chars_boundary_and_off(tmp_path):
     write_i2d_shard(tmp_path, "00000", [("000000", "success", None, "abcde", True),
                                         ("000001", "success", None, "abcdef", True)], "webdataset")

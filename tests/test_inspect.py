@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import typer  # noqa: E402
+import yaml  # noqa: E402
 from fsspec.implementations.memory import MemoryFileSystem  # noqa: E402
 from PIL import Image, ImageColor  # noqa: E402
 from test_report_support import FINGERPRINTS, write_fixture_run, write_one_row_run  # noqa: E402
@@ -153,6 +154,34 @@ def test_inspect_prints_markup_like_captions_literally(app, run):
     key = next(k for s, keys in run.keys_by_shard.items() for i, k in enumerate(keys) if (i + s) % 4 == 2 and i > 4)
     r = invoke(app, "inspect", str(run.root), "--stage", "chunks", "--key", key)
     assert 'two cats & a "sofa" [1]' in r.output
+
+
+def test_inspect_detect_shows_each_candidates_fate_under_the_runs_select_rule(app, run):
+    key = run.keys_by_shard[0][0]  # "a dog in a field of flowers": per chunk a box, a jittered copy, a weak one
+    traces = rows_by_key(RunFiles.open(str(run.root)), "detect", [key])
+    fates = traces[0].row["select_fates"]
+    statuses = [f.status for f in fates]
+    assert statuses.count("kept") == 3 and "below_min_score" in statuses and "nms" in statuses
+    r = invoke(app, "inspect", str(run.root), "--stage", "detect", "--key", key, "--max-candidates", "50")
+    assert r.exit_code == 0, r.output
+    assert "select" in r.output and "nms_scope pair, nms_iou 0.5" in r.output
+    assert r.output.count("kept") >= 3 and "NMS: overlaps box" in r.output and "<= min_score" in r.output
+    # the kept candidates are exactly the pairs the run's select stage wrote
+    kept = sorted((c["chunk"], c["x1"]) for c, f in zip(traces[0].row["candidates"], fates, strict=True)
+                  if f.status == "kept")
+    select = rows_by_key(RunFiles.open(str(run.root)), "select", [key])[0].row["pairs"]
+    assert kept == sorted((p["chunk"], p["x1"]) for p in select)
+
+
+def test_inspect_detect_of_a_select_v1_run_follows_its_rule(app, tmp_path):
+    root = tmp_path / "v1"
+    write_one_row_run(root, (40, 30), BG, "a dog and a cat", [(0, 5), (10, 15)], BOXES)
+    config = yaml.safe_load((root / "run.yaml").read_text())
+    config["select"]["nms_scope"] = "image"  # what select v1 recorded; its rule is v2's `box`
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    r = invoke(app, "inspect", str(root), "--stage", "detect", "--key", "000000000")
+    assert r.exit_code == 0, r.output
+    assert "nms_scope box" in r.output
 
 
 def test_inspect_rejects(app, run):

@@ -207,22 +207,23 @@ def test_sample_is_deterministic_and_seeded():
     assert spread([0, 1, 2], 5) == [0, 1, 2]
 
 
-def _rerun_select(root: Path, min_score: float) -> tuple[int, int]:
+def _rerun_select(root: Path, min_score: float, scope: str = "pair") -> tuple[int, int]:
     """(rows into select, rows kept) from running SelectStage over the stored detect outputs + chunks."""
     detect = stage_table(root, "detect")
     chunks = stage_table(root, "chunks")
     table = detect.append_column("chunks", chunks["chunks"].take(pc.index_in(detect["key"], chunks["key"])))
-    out = SelectStage(SelectConfig(min_score=min_score, nms_iou=0.5)).process_batch(table)
+    out = SelectStage(SelectConfig(min_score=min_score, nms_iou=0.5, nms_scope=scope)).process_batch(table)
     assert out.output.num_rows + out.rejects.num_rows == table.num_rows
     return table.num_rows, out.output.num_rows
 
 
+@pytest.mark.parametrize("scope", ["pair", "box", "chunk"])  # NMS never removes a row's best pair
 @pytest.mark.parametrize("threshold", [0.5, 0.8])
-def test_kept_fraction_matches_select_rerun(run, report, threshold):
+def test_kept_fraction_matches_select_rerun(run, report, threshold, scope):
     result, _, _ = report
     kept = json.loads((run.root / "report" / "kept_fraction.json").read_text())
     assert kept == result.kept_fraction
-    rows, survivors = _rerun_select(run.root, threshold)
+    rows, survivors = _rerun_select(run.root, threshold, scope)
     assert kept["rows"] == rows
     i = SCORE_GRID.index(threshold)
     assert kept["thresholds"][i] == threshold

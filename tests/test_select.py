@@ -75,11 +75,39 @@ def test_default_min_score_is_the_papers():
     assert [p["chunk"] for p in pairs["k"]] == [0]
 
 
-# --- NMS -------------------------------------------------------------------------------------------------
+# --- NMS: the paper's rule (nms_scope pair, the default) ---------------------------------------------------
+
+def test_defaults_are_the_papers_rule_at_an_iou_the_published_row_survives():
+    cfg = SelectConfig()
+    assert cfg.nms_scope == "pair"
+    row = published_grit_row()
+    a, b = (cand(i, i, *e[2:6], e[6]) for i, e in enumerate(row["noun_chunks"][:2]))
+    assert iou(a, b) < cfg.nms_iou < 0.75  # just above the overlap the release kept
+
+
+def test_same_box_for_two_chunks_survives_for_its_best_chunk_only():
+    pairs, _ = run({"k": [cand(0, 0, .1, .1, .5, .5, .7), cand(0, 1, .1, .1, .5, .5, .9),
+                          cand(0, 2, .1, .1, .5, .5, .8)]})
+    assert [(p["chunk"], round(p["score"], 1)) for p in pairs["k"]] == [(1, 0.9)]
+
+
+def test_same_box_equal_scores_goes_to_the_lower_chunk_whatever_the_order():
+    a, b = cand(0, 1, .1, .1, .5, .5, .8), cand(0, 0, .1, .1, .5, .5, .8)
+    first, _ = run({"k": [a, b]})
+    second, _ = run({"k": [b, a]})
+    assert first == second
+    assert [p["chunk"] for p in first["k"]] == [0]
+
+
+def test_identical_boxes_with_different_ids_count_as_one_box():
+    # two detector boxes with the same corners (GLIP: one detection per phrase) for two chunks
+    pairs, _ = run({"k": [cand(0, 0, .1, .1, .5, .5, .75), cand(1, 1, .1, .1, .5, .5, .85)]})
+    assert [p["chunk"] for p in pairs["k"]] == [1]
+
 
 def test_overlapping_boxes_of_two_chunks_keep_only_the_better_one():
     a, b = cand(0, 0, .10, .10, .50, .50, .80), cand(1, 1, .12, .11, .52, .50, .90)
-    assert iou(a, b) > 0.5
+    assert iou(a, b) > SelectConfig().nms_iou
     pairs, _ = run({"k": [a, b]})
     assert [(p["chunk"], round(p["score"], 2)) for p in pairs["k"]] == [(1, 0.90)]
 
@@ -91,16 +119,23 @@ def test_boxes_overlapping_below_nms_iou_both_survive():
     assert sorted(p["chunk"] for p in pairs["k"]) == [0, 1]
 
 
-def test_one_box_paired_with_two_chunks_keeps_both_pairs():
-    pairs, _ = run({"k": [cand(0, 0, .1, .1, .5, .5, .9), cand(0, 1, .1, .1, .5, .5, .7),
-                          cand(1, 2, .12, .1, .5, .5, .8)]})  # box 1 overlaps box 0: suppressed
-    assert [(p["chunk"], round(p["score"], 1)) for p in pairs["k"]] == [(0, 0.9), (1, 0.7)]
+def test_nms_iou_decides_between_the_default_and_a_stricter_threshold():
+    a, b = cand(0, 0, .10, .10, .50, .50, .80), cand(1, 1, .20, .10, .60, .50, .90)
+    assert 0.5 < iou(a, b) < 0.7
+    assert sorted(p["chunk"] for p in run({"k": [a, b]})[0]["k"]) == [0, 1]
+    assert [p["chunk"] for p in run({"k": [a, b]}, nms_iou=0.5)[0]["k"]] == [1]
 
 
-def test_a_suppressed_box_loses_all_of_its_pairs():
-    pairs, _ = run({"k": [cand(0, 0, .1, .1, .5, .5, .9), cand(1, 1, .11, .1, .5, .5, .85),
-                          cand(1, 2, .11, .1, .5, .5, .8)]})
-    assert [p["chunk"] for p in pairs["k"]] == [0]
+def test_a_box_removed_for_one_chunk_is_removed_for_all_and_greedy_order_holds():
+    # A (chunk 0) wins; B overlaps A, so both of B's pairs go; C overlaps only B, which was removed: C stays
+    pairs, _ = run({"k": [cand(0, 0, .10, .10, .50, .50, .9), cand(1, 1, .12, .10, .52, .50, .85),
+                          cand(1, 2, .12, .10, .52, .50, .8), cand(2, 1, .16, .10, .56, .50, .7)]})
+    assert iou(cand(1, 1, .12, .10, .52, .50, 0), cand(2, 1, .16, .10, .56, .50, 0)) > 0.7
+    assert iou(cand(0, 0, .10, .10, .50, .50, 0), cand(2, 1, .16, .10, .56, .50, 0)) > 0.7
+    assert [(p["chunk"], round(p["score"], 2)) for p in pairs["k"]] == [(0, 0.9)]
+    sparse, _ = run({"k": [cand(0, 0, .10, .10, .40, .50, .9), cand(1, 1, .20, .10, .50, .50, .85),
+                           cand(2, 2, .30, .10, .60, .50, .8)]}, nms_iou=0.3)
+    assert [p["chunk"] for p in sparse["k"]] == [0, 2]  # 2 overlaps 0 by 0.2 and 1 (removed) by 0.5
 
 
 def test_nms_iou_of_one_disables_nms():
@@ -119,15 +154,33 @@ def published_grit_row() -> dict:
     return json.loads(GRIT_SAMPLES.read_text().splitlines()[0])
 
 
-def test_published_grit_row_needs_per_chunk_nms_to_keep_both_boxes():
+@pytest.mark.parametrize("scope", ["pair", "box", "chunk"])
+def test_published_grit_row_keeps_both_boxes_at_the_default_iou(scope):
     row = published_grit_row()
     cands = [cand(i, i, *entry[2:6], entry[6]) for i, entry in enumerate(row["noun_chunks"])]
-    assert iou(cands[0], cands[1]) > 0.5  # the release kept two boxes overlapping this much
-    image, _ = run({"k": cands})
-    per_chunk, _ = run({"k": cands}, nms_scope="chunk")
-    assert [p["chunk"] for p in image["k"]] == [0]  # "a paper cover", the higher score
-    assert [(p["x1"], p["y1"], p["x2"], p["y2"]) for p in per_chunk["k"]] == \
-        [tuple(e[2:6]) for e in row["noun_chunks"]]
+    assert 0.5 < iou(cands[0], cands[1]) < 0.69  # the release kept two boxes overlapping this much
+    kept, _ = run({"k": cands}, nms_scope=scope)
+    assert sorted((p["x1"], p["y1"], p["x2"], p["y2"]) for p in kept["k"]) == \
+        sorted(tuple(e[2:6]) for e in row["noun_chunks"])
+    strict, _ = run({"k": cands}, nms_scope=scope, nms_iou=0.5)
+    assert len(strict["k"]) == (2 if scope == "chunk" else 1)  # class-agnostic at 0.5 would have lost one
+
+
+# --- NMS: the other scopes -------------------------------------------------------------------------------
+
+def test_box_scope_keeps_every_chunk_of_a_surviving_box():
+    pairs, _ = run({"k": [cand(0, 0, .1, .1, .5, .5, .9), cand(0, 1, .1, .1, .5, .5, .7),
+                          cand(1, 2, .12, .1, .5, .5, .8)]}, nms_scope="box")  # box 1 overlaps box 0
+    assert [(p["chunk"], round(p["score"], 1)) for p in pairs["k"]] == [(0, 0.9), (1, 0.7)]
+    paper, _ = run({"k": [cand(0, 0, .1, .1, .5, .5, .9), cand(0, 1, .1, .1, .5, .5, .7),
+                          cand(1, 2, .12, .1, .5, .5, .8)]})
+    assert [p["chunk"] for p in paper["k"]] == [0]
+
+
+def test_box_scope_a_suppressed_box_loses_all_of_its_pairs():
+    pairs, _ = run({"k": [cand(0, 0, .1, .1, .5, .5, .9), cand(1, 1, .11, .1, .5, .5, .85),
+                          cand(1, 2, .11, .1, .5, .5, .8)]}, nms_scope="box")
+    assert [p["chunk"] for p in pairs["k"]] == [0]
 
 
 def test_chunk_scope_still_suppresses_within_a_chunk():
@@ -136,11 +189,16 @@ def test_chunk_scope_still_suppresses_within_a_chunk():
     assert [(p["chunk"], round(p["score"], 1)) for p in pairs["k"]] == [(0, 0.9), (1, 0.7)]
 
 
+def test_the_old_scope_name_is_an_error_that_names_both_replacements():
+    with pytest.raises(ValidationError, match="'pair'.*'box'"):
+        SelectConfig(nms_scope="image")
+
+
 # --- area and cap ----------------------------------------------------------------------------------------
 
 def test_max_box_area_drops_big_boxes_before_nms():
     big = cand(0, 0, 0., 0., 1., 1., .95)
-    small = cand(1, 1, .2, .2, .6, .6, .8)
+    small = cand(1, 1, .2, .2, .6, .6, .8)  # IoU 0.16 with the big box
     assert len(run({"k": [big, small]}, nms_iou=0.1)[0]["k"]) == 1  # the big box suppresses the small
     pairs, _ = run({"k": [big, small]}, nms_iou=0.1, max_box_area=0.5)
     assert [p["chunk"] for p in pairs["k"]] == [1]
@@ -239,12 +297,14 @@ def random_rows(n_rows: int, seed: int, max_cands: int = 12) -> dict[str, list[d
 def reference_pairs(cands: list[dict], cfg: SelectConfig) -> list[tuple]:
     """Straightforward per-image implementation of the documented rule, with torchvision's nms."""
     kept = [c for c in cands if c["chunk"] >= 0 and np.float32(c["score"]) > np.float32(cfg.min_score)]
-    if cfg.nms_scope == "image":
+    if cfg.nms_scope == "box":
         best: dict[int, dict] = {}
         for c in kept:
             if c["box"] not in best or c["score"] > best[c["box"]]["score"]:
                 best[c["box"]] = c
         groups = {0: list(best.values())}
+    elif cfg.nms_scope == "pair":
+        groups = {0: kept}
     else:
         groups = {}
         for c in kept:
@@ -256,19 +316,20 @@ def reference_pairs(cands: list[dict], cfg: SelectConfig) -> list[tuple]:
         boxes = torch.tensor([[m["x1"], m["y1"], m["x2"], m["y2"]] for m in members], dtype=torch.float64)
         scores = torch.tensor([m["score"] for m in members], dtype=torch.float64)
         for i in nms(boxes, scores, cfg.nms_iou).tolist():
-            alive.add(members[i]["box"] if cfg.nms_scope == "image" else (members[i]["box"], members[i]["chunk"]))
-    key = (lambda c: c["box"]) if cfg.nms_scope == "image" else (lambda c: (c["box"], c["chunk"]))
+            alive.add(members[i]["box"] if cfg.nms_scope == "box" else (members[i]["box"], members[i]["chunk"]))
+    key = (lambda c: c["box"]) if cfg.nms_scope == "box" else (lambda c: (c["box"], c["chunk"]))
     out = [(c["chunk"], c["x1"], c["y1"], c["x2"], c["y2"], float(np.float32(c["score"])))
            for c in kept if key(c) in alive]
     return sorted(out, key=lambda p: (p[0], -p[5], p[1], p[2], p[3], p[4]))
 
 
-@pytest.mark.parametrize("scope", ["image", "chunk"])
-def test_batch_matches_a_per_image_reference(scope):
+@pytest.mark.parametrize("scope", ["pair", "box", "chunk"])
+@pytest.mark.parametrize("nms_iou", [0.5, 0.7])
+def test_batch_matches_a_per_image_reference(scope, nms_iou):
     rows = random_rows(400, seed=7)
     assert sum(len(c) for c in rows.values()) > 3 * NMS_BLOCK  # several NMS blocks
-    cfg = SelectConfig(nms_scope=scope)
-    pairs, rejects = run(rows, nms_scope=scope)
+    cfg = SelectConfig(nms_scope=scope, nms_iou=nms_iou)
+    pairs, rejects = run(rows, nms_scope=scope, nms_iou=nms_iou)
     for key, cands in rows.items():
         expected = reference_pairs(cands, cfg)
         got = [(p["chunk"], p["x1"], p["y1"], p["x2"], p["y2"], p["score"]) for p in pairs.get(key, [])]
@@ -307,3 +368,42 @@ def test_a_sliced_batch_gives_the_same_result_as_a_fresh_one():
 def test_repeated_box_chunk_entries_give_one_pair_with_the_best_score():
     pairs, _ = run({"k": [cand(0, 0, .1, .1, .5, .5, .7), cand(0, 0, .1, .1, .5, .5, .9)]}, nms_iou=1.0)
     assert [round(p["score"], 1) for p in pairs["k"]] == [0.9]
+
+
+# --- explain: what grit inspect shows -----------------------------------------------------------------------
+
+def test_explain_gives_each_candidate_its_fate_and_names_the_nms_suppressor():
+    cands = [cand(0, 0, .10, .10, .50, .50, .9),  # kept
+             cand(0, 1, .10, .10, .50, .50, .8),  # same box, worse chunk: removed by (0, 0)
+             cand(1, 2, .12, .10, .52, .50, .85),  # overlaps box 0: removed by (0, 0)
+             cand(2, 1, .60, .60, .90, .90, .5),  # below min_score
+             cand(3, -1, .60, .10, .90, .40, .9),  # unassigned
+             cand(4, 0, float("nan"), .1, .5, .5, .9),  # malformed
+             cand(0, 0, .10, .10, .50, .50, .7)]  # repeat of (0, 0) with a worse score
+    table = batch({"k": cands, "empty": []})
+    stage = SelectStage()
+    fates = stage.explain(table)
+    assert [f.status for f in fates[0]] == ["kept", "nms", "nms", "below_min_score", "unassigned", "malformed",
+                                           "duplicate"]
+    assert fates[1] == []
+    assert (fates[0][1].by_box, fates[0][1].by_chunk, fates[0][1].iou) == (0, 0, 1.0)
+    assert (fates[0][2].by_box, fates[0][2].by_chunk) == (0, 0) and fates[0][2].iou > 0.7
+    assert fates[0][5].detail == "non-finite corner"
+    kept = stage.process_batch(table).output.to_pylist()[0]["pairs"]
+    assert [(p["chunk"], round(p["score"], 1)) for p in kept] == [(0, 0.9)]
+
+
+@pytest.mark.parametrize("scope", ["pair", "box", "chunk"])
+def test_explain_agrees_with_the_output_under_every_scope(scope):
+    rows = random_rows(80, seed=5)
+    stage = SelectStage(SelectConfig(nms_scope=scope, nms_iou=0.4, max_pairs=3))
+    table = batch(rows)
+    out = {r["key"]: r["pairs"] for r in stage.process_batch(table).output.to_pylist()}
+    for (key, cands), fates in zip(rows.items(), stage.explain(table), strict=True):
+        kept = sorted((c["chunk"], c["x1"], c["y1"]) for c, f in zip(cands, fates, strict=True) if f.status == "kept")
+        assert kept == sorted((p["chunk"], p["x1"], p["y1"]) for p in out.get(key, [])), key
+        for c, f in zip(cands, fates, strict=True):
+            if f.status == "nms":
+                assert f.iou > stage.config.nms_iou and (scope != "chunk" or f.by_chunk == c["chunk"])
+    statuses = {f.status for fates in stage.explain(table) for f in fates}
+    assert {"kept", "nms", "below_min_score", "unassigned", "max_pairs"} <= statuses

@@ -150,7 +150,7 @@ def _gallery_population(run: RunFiles, max_shards: int | None) -> dict[str, int]
 
 def _chips(run: RunFiles) -> list[tuple[str, str]]:
     chips = []
-    for stage, keys in (("select", ("min_score", "nms_iou", "max_box_area")), ("detect", ("backend",)),
+    for stage, keys in (("select", ("min_score", "nms_scope", "nms_iou", "max_box_area")), ("detect", ("backend",)),
                         ("compose", ("location_encoder", "containment_filter"))):
         cfg = run.stage_config(stage)
         chips += [(f"{stage}.{k}", str(cfg[k])) for k in keys if cfg.get(k) is not None]

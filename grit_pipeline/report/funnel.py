@@ -6,7 +6,7 @@ The numbers are the engine's merged stats (`grit_pipeline.stats.merge`, the cont
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class FunnelRow:
     rows_out: int
     rejects: dict[str, int]  # reason -> rows, most frequent first
     seconds: float
+    counters: dict[str, int] = field(default_factory=dict)  # what the stage did to rows it kept, by name
 
     @property
     def rejected(self) -> int:
@@ -30,7 +31,7 @@ class FunnelRow:
 def funnel_rows(summary: dict) -> list[FunnelRow]:
     return [FunnelRow(stage=stage, shards=s["shards"], rows_in=s["rows_in"], rows_out=s["rows_out"],
                       rejects=dict(sorted(s["rejects"].items(), key=lambda kv: (-kv[1], kv[0]))),
-                      seconds=s["seconds"])
+                      seconds=s["seconds"], counters=dict(s.get("counters") or {}))
             for stage, s in summary["stages"].items()]
 
 

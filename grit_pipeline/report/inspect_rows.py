@@ -4,6 +4,10 @@ Reads as little as it can: a key is located through the `ingest` outputs' key co
 pushed into the Parquet scan (row groups whose key statistics exclude it are skipped) and the search stops
 at the first shard that holds it; a sample reads the key column of one shard. Then only that shard of the
 context stages (`ingest` for caption and image, `chunks` for chunk texts) and of the asked stage is read.
+
+Rows of `detect` also get, per candidate, what `select` does with it under the run's select config
+(`SelectStage.explain`: kept, or which rule removed it), so the candidates list follows the NMS rule in
+force (`select.nms_scope`, `select.nms_iou`) rather than a fixed one.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from grit_pipeline.report.gallery import sample_keys
+from grit_pipeline.report.measures import run_select_config
 from grit_pipeline.report.row_trace import RowTrace, trace_rows
 from grit_pipeline.report.run_files import RunFiles
+from schemas.tables import CANDIDATE_TYPE, CHUNK_TYPE
 from stages.registry import STAGE_ORDER
+from stages.select import SelectStage
 
 
 class InspectError(ValueError):
@@ -74,7 +81,7 @@ def rows_by_key(run: RunFiles, stage: str, keys: Sequence[str], shards: Sequence
     for shard, ks in sorted(by_shard.items()):
         for t in trace_rows(run, shard, ks, context_stages(stage)):
             traces[t.key] = t
-    return [traces[k] for k in keys]
+    return _with_select_fates(run, stage, [traces[k] for k in keys])
 
 
 def sample_rows(run: RunFiles, stage: str, n: int, seed: int = 0, shard: int | None = None) -> list[RowTrace]:
@@ -91,7 +98,28 @@ def sample_rows(run: RunFiles, stage: str, n: int, seed: int = 0, shard: int | N
             break
         keys = run.read(stage, [s], columns=["key"])["key"].to_pylist()
         out += trace_rows(run, s, sample_keys(keys, n - len(out), seed), context_stages(stage))
-    return out
+    return _with_select_fates(run, stage, out)
+
+
+def _with_select_fates(run: RunFiles, stage: str, traces: list[RowTrace]) -> list[RowTrace]:
+    """At `detect`, attach `select_fates` (one `stages.select.CandidateFate` per candidate) and `select_rule`
+    (the config they follow) to the rows that reached detect."""
+    shown = [t for t in traces if stage == "detect" and "detect" in t.reached]
+    if not shown:
+        return traces
+    cfg = run_select_config(run.stage_config("select"))
+    table = pa.table({
+        "key": pa.array([t.key for t in shown], pa.string()),
+        "candidates": pa.array([t.row.get("candidates") or [] for t in shown], pa.list_(CANDIDATE_TYPE)),
+        "chunks": pa.array([t.row.get("chunks") or [] for t in shown], pa.list_(CHUNK_TYPE)),
+    })
+    rule = (f"select with min_score {cfg.min_score:g}, nms_scope {cfg.nms_scope}, nms_iou {cfg.nms_iou:g}"
+            + (f", max_box_area {cfg.max_box_area:g}" if cfg.max_box_area is not None else "")
+            + (f", max_pairs {cfg.max_pairs}" if cfg.max_pairs is not None else ""))
+    for t, fates in zip(shown, SelectStage(cfg).explain(table), strict=True):
+        t.row["select_fates"] = fates
+        t.row["select_rule"] = rule
+    return traces
 
 
 def rejects(run: RunFiles, stage: str, n: int, keys: Sequence[str] | None = None, reason: str | None = None,

@@ -3,8 +3,10 @@
 The kept-fraction curve answers "what share of captions would survive `select` at threshold t?" from the
 stored `detect` candidates alone, so a threshold can be chosen without re-running the detector: a caption
 survives `select` exactly when one of its valid chunk-box pairs scores above t (and passes the area
-filter), because NMS always keeps the best-scoring box. So one pass of the real `select` stage with the
-threshold at 0 and NMS off gives each row's best pair score, and the whole curve follows from those.
+filter), because NMS always keeps the best-ranked pair, under every `select.nms_scope` (the paper's `pair`
+rule, `box`, `chunk`) and `nms_iou`. So one pass of the real `select` stage with the threshold at 0 and
+NMS off gives each row's best pair score, and the whole curve follows from those. (How many *pairs* a
+caption keeps does depend on the NMS rule; `grit inspect --stage detect` shows each candidate's fate.)
 """
 
 from __future__ import annotations
@@ -34,11 +36,19 @@ def candidate_scores(detect: pa.Table) -> np.ndarray:
     return _flat_candidates(detect)["score"].to_numpy().astype(np.float64)
 
 
+def run_select_config(select_section: dict) -> SelectConfig:
+    """The `select` config a run recorded (its run.yaml section). A run made by select v1 may say
+    `nms_scope: image`, which is v1's rule under its v2 name `box`."""
+    known = {k: v for k, v in select_section.items() if k in SelectConfig.model_fields}
+    if known.get("nms_scope") == "image":
+        known["nms_scope"] = "box"
+    return SelectConfig(**known)
+
+
 def permissive_select_config(select_section: dict) -> SelectConfig:
     """The run's `select` config with the threshold at 0 and NMS and the pair cap off: every pair that
     select's validity and area checks let through survives, so its best score decides the row's fate."""
-    known = {k: v for k, v in select_section.items() if k in SelectConfig.model_fields}
-    return SelectConfig(**{**known, "min_score": 0.0, "nms_iou": 1.0, "max_pairs": None})
+    return run_select_config(select_section).model_copy(update={"min_score": 0.0, "nms_iou": 1.0, "max_pairs": None})
 
 
 def best_pair_scores(table: pa.Table, select_section: dict) -> np.ndarray:

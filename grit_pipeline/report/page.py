@@ -2,12 +2,18 @@
 lines of inline JS for the layer toggle; a Content-Security-Policy forbids any network access).
 
 Jinja2 autoescaping escapes every caption, key, detail and config value: captions are web text and may
-contain `<script>` or tag-like strings.
+contain `<script>` or tag-like strings. Before that, every value the template prints goes through
+`schemas.display.display_text` (the environment's `finalize`), so control characters and bidirectional
+overrides show as visible escapes (`\x1b`, `\u202e`) instead of reordering or hiding text; only the
+run.yaml block keeps its line breaks (`multiline`). Values marked safe (our CSS, JS and SVG) are left alone.
 """
 
 from __future__ import annotations
 
 import jinja2
+from markupsafe import Markup, escape
+
+from schemas.display import display_text
 
 _CSS = r"""
 :root { --fg:#111827; --muted:#6b7280; --line:#e5e7eb; --bg:#f8fafc; --card:#fff; --accent:#2563eb; --bad:#dc2626; }
@@ -143,7 +149,7 @@ _TEMPLATE = r"""<!doctype html>
   <td class="num" data-field="rows_out">{{ f.rows_out }}</td>
   <td class="num" data-field="rejected">{{ f.rejected }}</td>
   <td>{{ "%.1f"|format(100 * f.kept_share) }}%<div class="bar"><span style="width:{{ "%.1f"|format(100 * f.kept_share) }}%"></span></div></td>
-  <td>{% for reason, n in f.rejects.items() %}<span class="reason" data-reason="{{ reason }}" data-count="{{ n }}">{{ reason }} <b>{{ n }}</b></span>{% else %}<span class="hint">none</span>{% endfor %}</td>
+  <td>{% for reason, n in f.rejects.items() %}<span class="reason" data-reason="{{ reason }}" data-count="{{ n }}">{{ reason }} <b>{{ n }}</b></span>{% else %}<span class="hint">none</span>{% endfor %}{% for name, n in f.counters.items() %}<div class="hint" data-counter="{{ name }}" data-count="{{ n }}">{{ name }} {{ "{:,}".format(n) }} (rows kept)</div>{% endfor %}</td>
   <td class="num" data-field="seconds">{{ "%.2f"|format(f.seconds) }}</td>
 </tr>
 {% endfor %}
@@ -240,7 +246,7 @@ _TEMPLATE = r"""<!doctype html>
 
 <section id="config">
 <h2>Config</h2>
-<details class="config"><summary>run.yaml</summary><pre>{{ config_yaml }}</pre></details>
+<details class="config"><summary>run.yaml</summary><pre>{{ config_yaml|multiline }}</pre></details>
 </section>
 </main>
 <footer>grit-pipeline report · {{ run_name }}</footer>
@@ -249,7 +255,21 @@ _TEMPLATE = r"""<!doctype html>
 </html>
 """
 
-_ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+def _displayed(value):
+    """Every printed value: untrusted text made visible-safe; Markup (our own CSS, JS, SVG) untouched."""
+    if isinstance(value, Markup) or not isinstance(value, str):
+        return value
+    return display_text(value)
+
+
+def _multiline(value: str) -> Markup:
+    """Multi-line text (run.yaml): escaped for display and HTML, line breaks kept."""
+    return Markup(escape(display_text(value, keep="\n")))
+
+
+_ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                          finalize=_displayed)
+_ENV.filters["multiline"] = _multiline
 PAGE = _ENV.from_string(_TEMPLATE)
 
 

@@ -51,10 +51,11 @@ def train_command(
     """Train the tiny Kosmos-2-style grounded LM on GrIT shards. Several GPUs or processes:
     `torchrun --nproc_per_node N .venv/bin/grit train ...` (DDP; NCCL on GPUs, gloo on CPUs)."""
     from grit_pipeline.config import ConfigError
+    from grit_pipeline.logs import basic_config  # escapes control characters in log lines
     from grit_pipeline.train.config import load_config
     from grit_pipeline.train.trainer import train
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    basic_config(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(config, overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                           grounding_fraction=grounding_fraction, num_workers=workers, device=device,

@@ -13,10 +13,10 @@ Two modes:
 Entries sharing a `box` id (or, without that column / in grit20m mode, identical corners) are one box;
 its `box_score` is the best score among them.
 
-Bad replayed entries are dropped, never passed on (select also guards): non-finite numbers, a score
-outside [0, 1], a corner outside [0, 1] (beyond 1e-6 of float noise, which is clamped), an inverted or
-empty box (x2 <= x1 or y2 <= y1), a chunk index outside [-1, number of chunks), a malformed grit20m
-entry. A row whose entries were all dropped is rejected `bad_detection` with counts per problem; a row
+Bad replayed entries are dropped, never passed on (select also guards): a box or score that fails
+`schemas.boxes.check_boxes` (a non-finite corner, a corner outside [0, 1] beyond its float-noise
+tolerance -- corners within it are clipped --, an inverted or empty box, a score that is not a number in
+[0, 1]), a chunk index outside [-1, number of chunks), a malformed grit20m entry. A row whose entries were all dropped is rejected `bad_detection` with counts per problem; a row
 whose key has no entry at all is rejected `no_detection` ("key not in replay file").
 """
 
@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from schemas.boxes import check_boxes
 from schemas.rows import RejectReason
 from stages.detectors.base import ChunkPrompt, Detections, ImageInput, finalize
 
@@ -60,32 +61,23 @@ REPLAY_SCHEMA = pa.schema([
     pa.field("box", pa.int32()),
 ])
 CORNERS = ("x1", "y1", "x2", "y2")
-EDGE_TOLERANCE = 1e-6
 
 
 def check_entries(xyxy: np.ndarray, score: np.ndarray, chunk: np.ndarray,
                   n_chunks: int) -> tuple[np.ndarray, np.ndarray, Counter]:
-    """Which replayed entries are usable: (keep mask, corners clamped to [0, 1], problems counted)."""
-    xyxy = np.asarray(xyxy, np.float64).reshape(-1, 4)
-    score = np.asarray(score, np.float64)
+    """Which replayed entries are usable: (keep mask, corners clipped to [0, 1], problems counted, each
+    entry under its first problem: the `schemas.boxes.BOX_PROBLEMS` names, then chunk_out_of_range)."""
+    checked = check_boxes(xyxy, score)
     chunk = np.asarray(chunk, np.int64)
     problems: Counter = Counter()
-    bad = np.zeros(len(score), bool)
-
-    def flag(mask: np.ndarray, name: str) -> None:
+    bad = np.zeros(len(chunk), bool)
+    masks = {**checked.problems, "chunk_out_of_range": (chunk < -1) | (chunk >= n_chunks)}
+    for name, mask in masks.items():
         new = mask & ~bad
         if new.any():
             problems[name] += int(new.sum())
-        bad[:] |= mask
-
-    flag(~np.isfinite(xyxy).all(1) | ~np.isfinite(score), "non_finite")
-    with np.errstate(invalid="ignore"):
-        flag((score < 0) | (score > 1), "score_out_of_range")
-        flag(((xyxy < -EDGE_TOLERANCE) | (xyxy > 1 + EDGE_TOLERANCE)).any(1), "box_out_of_range")
-        clamped = np.clip(xyxy, 0.0, 1.0)
-        flag((clamped[:, 2] <= clamped[:, 0]) | (clamped[:, 3] <= clamped[:, 1]), "box_inverted")
-    flag((chunk < -1) | (chunk >= n_chunks), "chunk_out_of_range")
-    return ~bad, clamped, problems
+        bad |= mask
+    return ~bad, checked.clipped, problems
 
 
 def box_ids_from_corners(xyxy: np.ndarray) -> np.ndarray:

@@ -10,8 +10,10 @@ record what the pipeline must do with them.
              member cut is unreadable, the one after the cut is missing; every member before the cut
              must stay readable) -- and valid oddities that must be KEPT: CMYK, 16-bit, palette with
              transparency, EXIF-rotated
-    shard 1  captions: empty, whitespace, 10,000 characters, `<phrase>`, `<patch_index_0001>` -- and kept:
-             emoji, right-to-left script, `[x](y)`
+    shard 1  captions: empty, whitespace, 10,000 characters, `<phrase>`, `<patch_index_0001>`, only control
+             characters -- and kept: emoji, right-to-left script, `[x](y)`, C0/C1 control characters (NUL,
+             ESC sequences, BEL, an 8-bit CSI: removed by ingest), bidirectional overrides and isolates
+             (kept in the data, shown escaped by `grit inspect`)
     shard 2  data: duplicate keys, unsafe or missing keys, a failed download, replayed boxes with NaN,
              inf, negative and inverted corners, a key without replayed boxes -- and kept: a row whose
              replayed boxes are half bad
@@ -88,6 +90,13 @@ class Problem:
     phase: Phase = "source"
 
 
+# What ingest makes of the captions with control characters: the final shards hold these.
+CLEANED_CAPTIONS = {
+    "caption:control_chars": "a red dog on the[31m green grass]0;pwned",
+    "caption:c1_controls": "a red dog 2J on the green grass",
+}
+
+
 @dataclass(frozen=True)
 class CorpusRow:
     shard: int
@@ -95,6 +104,11 @@ class CorpusRow:
     case: str  # what is odd about it, e.g. "image:truncated_jpeg"; "good" for plain good rows
     caption: str | None
     problems: tuple[Problem, ...] = ()
+
+    @property
+    def final_caption(self) -> str | None:
+        """The caption as a kept row's final shard holds it (control characters removed by ingest)."""
+        return CLEANED_CAPTIONS.get(self.case, self.caption)
 
     def expect(self, mode: Mode) -> Outcome:
         """The outcome under detector `mode` (module docstring): the first problem that applies."""
@@ -197,6 +211,10 @@ def caption_cases() -> dict[str, tuple[str, Problem | None]]:
         "caption:right_to_left": ("a red dog on the green grass \u05db\u05dc\u05d1 \u05d0\u05d3\u05d5\u05dd "
                                   "\u0639\u0644\u0649 \u0627\u0644\u0639\u0634\u0628", None),
         "caption:markdown_link": ("a red dog next to [x](y) on the green grass", None),
+        "caption:control_chars": ("a red dog\x00 on the\x1b[31m green grass\x1b]0;pwned\x07", None),
+        "caption:c1_controls": ("a red dog \x9b2J on the green\x85grass\x90", None),
+        "caption:bidi_override": ("a red dog on the \u202egreen grass\u202c \u2066next\u2069 to it", None),
+        "caption:only_control_chars": ("\x00\x1b\x07\x9b", Problem("ingest", R.EMPTY_CAPTION.value)),
     }
 
 

@@ -2,7 +2,9 @@
 would hand it (the previous output joined with every earlier stage's columns, `stage_io.join_upstream`).
 
 Used by the stage-level reliability tests to see which stage rejected which row and why, and as the
-reference the engine's output is compared with.
+reference the engine's output is compared with. `write_run_dir` commits such a run in the run-directory
+layout (through the engine's RunDir), so the user-facing commands (`grit inspect`, `grit stats`) can be run
+on the corpus without Ray.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class ShardRun:
     inputs: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, pa.Table] = field(default_factory=dict)
     rejects: dict[str, pa.Table] = field(default_factory=dict)
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,9 +90,29 @@ def run_stagewise(input_uri: str | Path, *, replay_path: str | Path | None, deco
                 res = _detect(decoder, detect, inp)
             else:
                 res = {"ingest": ingest, "chunks": chunks, "select": select, "compose": compose}[name].process_batch(inp)
-            run.outputs[name], run.rejects[name] = res.output, res.rejects
+            run.outputs[name], run.rejects[name], run.counters[name] = res.output, res.rejects, res.counters
             tables.append(res.output)
     return StagewiseRun(runs, failures)
+
+
+def write_run_dir(run: StagewiseRun, root: Path, config: dict) -> dict[str, str]:
+    """Commit every stage output of `run` under `root` (run.yaml, stage folders with `_done` markers and
+    stats); returns the stage fingerprints (made-up ones: nothing here is cached or reused)."""
+    import yaml
+
+    from grit_pipeline.rundir import RunDir, ShardFiles
+    from grit_pipeline.stats import shard_stats
+
+    fps = {name: f"{i + 1:016x}" for i, name in enumerate(STAGE_ORDER)}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "run.yaml").write_text(yaml.safe_dump({**config, "fingerprints": fps}, sort_keys=False))
+    rundir = RunDir(str(root))
+    for shard, sr in run.shards.items():
+        for name in STAGE_ORDER:
+            st = shard_stats(name, shard, fps[name], sr.inputs[name], sr.outputs[name], sr.rejects[name],
+                             counters=sr.counters.get(name))
+            rundir.commit_shard(name, fps[name], shard, ShardFiles(sr.outputs[name], sr.rejects[name], st.to_json()))
+    return fps
 
 
 def _detect(decoder: DetectStage | None, detect: DetectStage, inp: pa.Table) -> StageResult:

@@ -41,7 +41,9 @@ def test_corpus_holds_every_required_case(corpus):
                      "image:palette_transparency_png", "image:1x1", "image:exif_rotated_jpeg",
                      "image:missing_tar_member", "image:tar_cut_short", "image:after_the_tar_cut", "caption:empty", "caption:whitespace", "caption:10000_chars",
                      "caption:emoji", "caption:right_to_left", "caption:phrase_tag",
-                     "caption:patch_index_token", "caption:markdown_link", "data:duplicate_key#1",
+                     "caption:patch_index_token", "caption:markdown_link", "caption:control_chars",
+                     "caption:c1_controls", "caption:bidi_override", "caption:only_control_chars",
+                     "data:duplicate_key#1",
                      "data:wrong_schema_shard", "data:replay_nan_box", "data:replay_inf_box",
                      "data:replay_negative_box", "data:replay_inverted_box"):
         assert required in cases
@@ -119,7 +121,7 @@ def test_final_rows_are_valid_grit_rows_whose_captions_parse_back(corpus, stagew
         assert table.schema.names[: len(GRIT_SCHEMA)] == GRIT_SCHEMA.names
         for row in table.to_pylist():
             grit = GritRow.model_validate(row)
-            assert grit.caption == by_key[row["key"]].caption
+            assert grit.caption == by_key[row["key"]].final_caption
             assert parse_markdown_caption(grit.markdown_caption).caption == grit.caption
             assert parse_grounded_caption(grit.grounded_caption).caption == grit.caption
             assert grit.noun_chunks
