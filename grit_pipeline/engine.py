@@ -64,6 +64,21 @@ def stage_spec(plan: RunPlan, sp: StagePlan) -> StageSpec:
         caps=dict(plan.caps) if sp.index == 0 else {}, batch_rows=batch)
 
 
+def check_writable(rundir) -> None:
+    """Refuse a run directory where a folder the run writes is a file (OSError naming it), before any
+    work starts rather than at the first commit."""
+    import errno
+
+    from grit_pipeline.publish import PUBLISH
+    from grit_pipeline.rundir import FINAL
+
+    for name in ("stages", FINAL, PUBLISH, "report", "_tmp"):
+        path = rundir.path(name)
+        if rundir.fs.isfile(path):
+            raise OSError(errno.ENOTDIR, f"{rundir.url(name)} is a file where the run keeps a folder; move it away",
+                          rundir.url(name))
+
+
 def final_metadata(plan: RunPlan) -> dict[bytes, bytes]:
     """Parquet key-value metadata of every final shard: pipeline version, stages, semantic config."""
     doc = {"pipeline_version": __version__,
@@ -81,6 +96,7 @@ def execute(plan: RunPlan, *, progress: bool | None = None) -> RunResult:
     run = plan.run
     progress = run.progress if progress is None else progress
     rundir = plan.rundir
+    check_writable(rundir)
     rundir.clean_tmp()
     cleaned = {s.name: rundir.clean_uncommitted(s.name, s.fingerprint) for s in plan.stages if s.selected}
     rundir.write_text("run.yaml", yaml.safe_dump(

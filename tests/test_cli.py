@@ -69,7 +69,7 @@ def test_plan_stats_and_validate_on_a_finished_run(pipeline_run, synthetic_input
     assert result.exit_code == 0
     summary = json.loads(result.output)
     assert summary == json.loads((run / "report" / "summary.json").read_text())
-    assert [f["stage"] for f in summary["funnel"]] == ["ingest", "chunks", "detect", "select", "compose"]
+    assert [f["stage"] for f in summary["funnel"]] == ["ingest", "chunks", "detect", "select", "compose", "publish"]
     assert "GrIT funnel" in runner.invoke(app, ["stats", str(run)]).output
 
     result = runner.invoke(app, ["validate", str(run)])

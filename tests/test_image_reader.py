@@ -3,9 +3,9 @@ offsets ingest records, from local disk and fsspec's memory filesystem; members 
 readable up to the cut; missing files and members are rejects of their rows alone; oversized members are
 refused unread; transient errors are retried and, when they persist, fail the batch naming file and key.
 
-Reads are observed through two local filesystems under their own protocols: `counting://` records every
-range it serves, `flaky://` fails its first reads with a dropped connection (fault injection, as
-tests/reliability/faults.py does for writes)."""
+Reads are observed through local filesystems under their own protocols: `counting://` records every
+range it serves, `flaky://` (tests/testfs.py) fails the first reads its rules name with a dropped
+connection."""
 
 from __future__ import annotations
 
@@ -43,29 +43,24 @@ class CountingFileSystem(LocalFileSystem):
         return super().cat_file(path, start, end, **kwargs)
 
 
-class FlakyFileSystem(LocalFileSystem):
-    """The local disk, whose first `failures` range reads fail as a dropped connection would."""
-
-    protocol = ("flaky",)
-    failures = 0
-    calls = 0
-
-    def cat_file(self, path, start=None, end=None, **kwargs):
-        FlakyFileSystem.calls += 1
-        if FlakyFileSystem.calls <= FlakyFileSystem.failures:
-            raise ConnectionResetError(104, "Connection reset by peer")
-        return super().cat_file(path, start, end, **kwargs)
-
-
 fsspec.register_implementation("counting", CountingFileSystem, clobber=True)
-fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
 
 
 @pytest.fixture(autouse=True)
 def fresh_filesystems():
     CountingFileSystem.reads = []
-    FlakyFileSystem.failures, FlakyFileSystem.calls = 0, 0
     yield
+
+
+@pytest.fixture
+def flaky(tmp_path, monkeypatch):
+    """`flaky://` with its fault rules in a folder of this test."""
+    import testfs
+
+    (tmp_path / "rules").mkdir()
+    monkeypatch.setenv(testfs.FLAKY_DIR_ENV, str(tmp_path / "rules"))
+    testfs.register()
+    return testfs
 
 
 def payload(seed: int, size: int = 3000) -> bytes:
@@ -249,19 +244,19 @@ def flaky_batch(root: Path) -> pa.Table:
     return with_chunks(table.set_column(table.schema.get_field_index("image_ref"), "image_ref", pa.array(refs)))
 
 
-def test_a_transient_read_error_is_retried_and_the_batch_succeeds(tmp_path):
+def test_a_transient_read_error_is_retried_and_the_batch_succeeds(tmp_path, flaky):
     source = write_img2dataset(tmp_path / "i2d", shards=1, rows_per_shard=8, bad_rows=False)
     batch = flaky_batch(source.root)
-    FlakyFileSystem.failures = 1
+    hits = flaky.add_flaky_rule("tar-once", "00000.tar", failures=1)
     result = DetectStage(DECODE).prepare_batch(batch)
-    assert FlakyFileSystem.calls == 2  # failed once, then read
+    assert len(hits.read_text().splitlines()) == 1  # failed once, then read
     assert result.rejects.num_rows == 0 and result.output["key"].to_pylist() == batch["key"].to_pylist()
 
 
-def test_a_persistent_transient_error_fails_the_batch_naming_file_and_key(tmp_path):
+def test_a_persistent_transient_error_fails_the_batch_naming_file_and_key(tmp_path, flaky):
     source = write_img2dataset(tmp_path / "i2d", shards=1, rows_per_shard=4, bad_rows=False)
     batch = flaky_batch(source.root)
-    FlakyFileSystem.failures = 1000
+    flaky.add_flaky_rule("tar-always", "00000.tar", failures=1000)
     with pytest.raises(TransientIOError) as raised:
         DetectStage(DECODE).prepare_batch(batch)
     message = str(raised.value)

@@ -1,0 +1,104 @@
+"""The engine streams: stages overlap across shards (no stage barrier), final shards are published while
+later shards are still in detect, and the final dataset holds each key once whatever order shards finish.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from grit_pipeline.config import load_config
+from grit_pipeline.engine import build_plan, default_stage_classes, execute
+from grit_pipeline.synthetic import replay_overrides, write_img2dataset
+from grit_pipeline.validate import validate_run
+from stages.detect import DetectStage
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+class SlowDetect(DetectStage):
+    """The real detect stage, 0.2 s slower per batch (test-only, shipped to workers by value)."""
+
+    def process_batch(self, table):
+        time.sleep(0.2)
+        return super().process_batch(table)
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns
+
+
+@pytest.fixture
+def six_shards(tmp_path_factory):
+    return write_img2dataset(tmp_path_factory.mktemp("six") / "input", shards=6, rows_per_shard=20)
+
+
+def test_final_shards_are_published_while_later_shards_are_still_in_detect(ray_local, six_shards, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    config = load_config(None, [*replay_overrides(six_shards.detections), "run.progress=false",
+                                "run.resources.detect.batch_size=4", "run.shards_ahead=1"])
+    classes = {**default_stage_classes(), "detect": SlowDetect}
+    run = tmp_path / "run"
+    plan = build_plan(config, input_uri=str(six_shards.root), output_uri=str(run), stage_classes=classes)
+    result = execute(plan)
+    assert result.ok, result.failures
+    fps = plan.fingerprints
+
+    def marker(stage: str, shard: int) -> Path:
+        return run / "stages" / stage / fps[stage] / "_done" / f"shard-{shard:05d}"
+
+    first_final = _mtime(run / "grit" / "shard-00000.parquet")
+    assert first_final < _mtime(marker("detect", 5))  # published before the last shard left detect
+    # no stage barrier: the GPU stage committed shard 0 before the CPU stages had seen the last shards
+    assert _mtime(marker("detect", 0)) < _mtime(marker("chunks", 5))
+    assert _mtime(marker("detect", 0)) < _mtime(marker("ingest", 5))
+    # and final shards appear in shard order
+    finals = [_mtime(run / "grit" / f"shard-{s:05d}.parquet") for s in range(6)]
+    assert finals == sorted(finals)
+
+
+def test_a_key_in_two_shards_is_kept_once_in_the_lowest_shard(ray_local, tmp_path):
+    src = write_img2dataset(tmp_path / "input", shards=3, rows_per_shard=20, bad_rows=False)
+    for suffix in (".parquet", ".tar", "_stats.json"):  # shard 0 given again as shard 7: same keys
+        shutil.copy(src.root / f"00000{suffix}", src.root / f"00007{suffix}")
+    run = tmp_path / "run"
+    config = load_config(None, [*replay_overrides(src.detections), "run.progress=false"])
+    result = execute(build_plan(config, input_uri=str(src.root), output_uri=str(run)))
+    assert result.ok, result.failures
+    assert result.final_shards == [0, 1, 2, 7]
+
+    final = {s: pq.read_table(run / "grit" / f"shard-{s:05d}.parquet") for s in result.final_shards}
+    keys = [k for t in final.values() for k in t["key"].to_pylist()]
+    assert len(keys) == len(set(keys)) and final[0].num_rows > 0
+    assert final[7].num_rows == 0  # every row of shard 7 repeats a key of shard 0
+    rejects = pq.read_table(run / "publish" / "shard-00007.rejects.parquet")
+    assert sorted(rejects["key"].to_pylist()) == sorted(final[0]["key"].to_pylist())
+    assert set(rejects["reason"].to_pylist()) == {"duplicate_key"}
+    assert set(rejects["detail"].to_pylist()) == {"key also in shard-00000, which is kept"}
+    assert result.summary["stages"]["publish"]["rejects"] == {"duplicate_key": final[0].num_rows}
+    assert validate_run(str(run)).ok
+
+    # a copied final shard is exactly what validate refuses
+    shutil.copy(run / "grit" / "shard-00000.parquet", run / "grit" / "shard-00009.parquet")
+    report = validate_run(str(run))
+    assert not report.ok and any("duplicate key" in p.message for p in report.problems)
+
+
+def test_the_final_shard_metadata_names_the_pipeline_and_its_stages(pipeline_run):
+    result, run = pipeline_run
+    meta = json.loads(pq.read_schema(run / "grit" / "shard-00000.parquet").metadata[b"grit_pipeline"])
+    assert [s["name"] for s in meta["stages"]] == ["ingest", "chunks", "detect", "select", "compose"]
+    fps = {s["name"]: s["fingerprint"] for s in meta["stages"]}
+    assert fps == {o.name: o.fingerprint for o in result.stages}
+    assert meta["config"]["select"]["min_score"] == 0.65 and "run" not in meta["config"]
+    table = pq.read_table(run / "grit" / "shard-00000.parquet")
+    assert pc.count_distinct(table["key"]).as_py() == table.num_rows
