@@ -88,6 +88,7 @@ def run(
     from grit_pipeline.config import ConfigError
     from grit_pipeline.engine import PlanError, build_plan, execute, shards_of
     from grit_pipeline.logs import basic_config  # escapes control characters in log lines
+    from schemas.display import display_text
 
     basic_config(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -103,18 +104,33 @@ def run(
     except OSError as e:  # the run directory itself cannot be written
         _fail(f"cannot write the run directory {output}: {e}", 1)
     console = _console()
+    total = len(plan.shards)
     for outcome in result.stages:
         console.print(f"{outcome.name:<8} {outcome.fingerprint}  computed {len(outcome.computed)}  "
-                      f"cached {len(outcome.cached)}  failed {len(outcome.failed)}")
+                      f"cached {len(outcome.cached)}  failed {len(outcome.failed)}  "
+                      f"committed {len(outcome.computed) + len(outcome.cached)} of {total}", markup=False)
     from grit_pipeline.stats import funnel_table
 
     console.print(funnel_table(result.summary))
-    console.print(f"final shards: {plan.rundir.url('grit')} ({shards_of(result.final_shards) or 'none'})")
-    if not result.ok:
+    console.print(f"final shards: {plan.rundir.url('grit')} ({shards_of(result.final_shards) or 'none'})",
+                  markup=False, highlight=False)
+    if result.failures:
         console.print(f"[red]{len(result.failures)} shard(s) failed:[/red]")
         for f in result.failures:
-            console.print(f"  {f}", markup=False)
+            console.print(f"  {display_text(str(f))}", markup=False, highlight=False)
+    if result.stopped:
+        console.print(f"stopped by {result.stopped}: what is committed above stays; resume with", markup=False)
+        typer.echo(f"  {resume_command()}")  # one line, never wrapped: it is meant to be copied
+        raise typer.Exit(result.exit_code)
+    if not result.ok:
         raise typer.Exit(1)
+
+
+def resume_command() -> str:
+    """The command line of this `grit run`, which resumes it (committed shards are skipped)."""
+    import shlex
+
+    return shlex.join(["grit", *sys.argv[1:]])
 
 
 @app.command()
@@ -167,6 +183,7 @@ def stats(
     """The merged funnel of a run: rows in/out and rejects by reason per stage."""
     from grit_pipeline.engine import PlanError, summary_from_run
     from grit_pipeline.stats import funnel_table
+    from schemas.display import display_text
 
     try:
         summary = summary_from_run(run_dir)
@@ -179,7 +196,8 @@ def stats(
     console.print(funnel_table(summary))
     for stage, s in summary["stages"].items():
         if s["rejects"]:
-            console.print(f"{stage}: " + ", ".join(f"{k} {v:,}" for k, v in s["rejects"].items()))
+            console.print(display_text(f"{stage}: " + ", ".join(f"{k} {v:,}" for k, v in s["rejects"].items())),
+                          markup=False, highlight=False)
 
 
 @app.command()

@@ -69,6 +69,8 @@ class RunConfig(BaseModel):
     # Shards the CPU stages may run ahead of the GPU stage (beyond one per detect actor): enough that the
     # GPU never waits for chunks, few enough that a week-long run keeps memory and disk bounded.
     shards_ahead: int = Field(2, ge=0)
+    # Ctrl-C / SIGTERM: how long the work in flight may go on committing before it is cancelled.
+    stop_grace_s: float = Field(120.0, ge=0)
     progress: bool = True  # progress bars, one per stage
     storage_options: dict[str, Any] = Field(default_factory=dict)  # fsspec options for the run directory
     # Environment variables (fnmatch patterns) sent to the workers of a remote cluster, e.g. credentials

@@ -43,10 +43,12 @@ class RunResult:
     failures: list[ShardFailure]
     final_shards: list[int]
     summary: dict[str, Any]
+    stopped: str | None = None  # "SIGINT" / "SIGTERM" when the run was stopped before the end
+    exit_code: int | None = None  # 130 / 143 for a stopped run
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and self.stopped is None
 
     def stage(self, name: str) -> StageOutcome:
         return next(s for s in self.stages if s.name == name)
@@ -92,6 +94,7 @@ def execute(plan: RunPlan, *, progress: bool | None = None) -> RunResult:
     from grit_pipeline.publish import remove_stale
     from grit_pipeline.ray_runtime import cluster_resources, ensure_ray, fit_cluster, shutdown_ray
     from grit_pipeline.scheduler import Scheduler
+    from grit_pipeline.stopping import StopSignals
 
     run = plan.run
     progress = run.progress if progress is None else progress
@@ -114,8 +117,11 @@ def execute(plan: RunPlan, *, progress: bool | None = None) -> RunResult:
         scheduler = Scheduler(plan, fit, specs, publisher_args=publisher, progress=progress)
         for name, paths in cleaned.items():
             scheduler.outcomes[name].cleaned = paths
-        scheduler.run()
-        if last.selected:
+        signals = StopSignals(on_stop=lambda: scheduler.request_stop(run.stop_grace_s),
+                              on_abort=scheduler.request_abort, grace_s=run.stop_grace_s)
+        with signals:
+            scheduler.run()
+        if last.selected and signals.received is None:  # a stopped run published only part of grit/
             removed = remove_stale(rundir, scheduler.published)
             log.info("final shards: %d published, %d stale removed", len(scheduler.published), len(removed))
     finally:
@@ -132,7 +138,8 @@ def execute(plan: RunPlan, *, progress: bool | None = None) -> RunResult:
             o.failed.sort()
             outcomes.append(o)
     failures = sorted(scheduler.failures.values(), key=lambda f: f.shard)
-    return RunResult(output=rundir.uri, stages=outcomes, failures=failures, final_shards=final, summary=summary)
+    return RunResult(output=rundir.uri, stages=outcomes, failures=failures, final_shards=final, summary=summary,
+                     stopped=signals.received, exit_code=signals.exit_code)
 
 
 def shards_of(values: Any) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,8 @@ class Scheduler:
         self.outcomes = {s.name: StageOutcome(s.name, s.fingerprint, cached=list(s.cached)) for s in self.stages}
         self.failures: dict[int, ShardFailure] = {}
         self.stop_requested = False
+        self.stop_deadline = float("inf")
+        self.abort_requested = False
         self.inflight: dict[Any, tuple[str, Any]] = {}  # ref -> (kind, context)
         self.tasks_running = 0
         self.parts_stage = next((s for s in self.stages if s.selected and s.resources.actor and s.has_prepare), None)
@@ -191,8 +194,13 @@ class Scheduler:
     def run(self) -> None:
         try:
             while True:
+                if self.abort_requested or time.monotonic() > self.stop_deadline:
+                    self.cancel_inflight()
+                    break
                 if not self.stop_requested:
                     self._schedule()
+                else:  # stopping: nothing new starts, but committed compose outputs still get published
+                    self._schedule_publish()
                 if not self.inflight:
                     if self.stop_requested or self._finished():
                         break
@@ -440,9 +448,16 @@ class Scheduler:
                                     "reused": report.reused})
 
     # --- stopping ------------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        """Stop scheduling new work; what is in flight finishes and commits (`run` then returns)."""
+    def request_stop(self, grace_s: float = float("inf")) -> None:
+        """Stop scheduling new work; what is in flight may finish and commit for `grace_s` seconds, then
+        it is cancelled (`run` then returns)."""
         self.stop_requested = True
+        self.stop_deadline = min(self.stop_deadline, time.monotonic() + grace_s)
+
+    def request_abort(self) -> None:
+        """Stop at once: cancel what is in flight (nothing of it gets committed)."""
+        self.stop_requested = True
+        self.abort_requested = True
 
     def cancel_inflight(self) -> None:
         """Cancel what is still running (after a stop's grace period); nothing of it gets committed."""
