@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grit_pipeline.shard_work import (
+    PartResult,
     ShardReport,
     StageSpec,
     prepare_part,
@@ -147,7 +148,7 @@ class StageActor:
     def run_shard(self, shard: int) -> ShardReport:
         return run_shard(self.spec, self.stage, shard)
 
-    def process(self, shard: int, part: Any) -> tuple:
+    def process(self, shard: int, part: Any) -> PartResult:
         return process_part(self.spec, self.stage, shard, part)
 
     def ready(self) -> bool:
@@ -173,7 +174,7 @@ def _cpu_stage(spec: StageSpec):
     return _CPU_STAGES[key]
 
 
-def _write_parts(spec: StageSpec, shard: int, rows_in: int, *results: tuple) -> ShardReport:
+def _write_parts(spec: StageSpec, shard: int, rows_in: int, *results: PartResult) -> ShardReport:
     return write_part_results(spec, shard, rows_in, results)
 
 

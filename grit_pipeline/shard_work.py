@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -112,6 +112,15 @@ class ShardReport:
         return {"stage": self.stage, "fingerprint": self.fingerprint, "shard": self.shard,
                 "rows_in": self.rows_in, "rows": self.rows_out, "rejects": sum(self.rejects.values()),
                 "reject_reasons": dict(sorted(self.rejects.items())), "files": self.files}
+
+
+class PartResult(NamedTuple):
+    """What `process_part` returns for one part of a shard (travels through the object store)."""
+
+    output: pa.Table  # output rows + `__row`
+    rejects: pa.Table  # reject rows + `__row`
+    counters: dict[str, int]
+    seconds: float  # prepare + process time of the part
 
 
 def peak_rss_mb() -> float:
@@ -222,7 +231,7 @@ def run_shard(spec: StageSpec, stage: Stage, shard: int) -> ShardReport:
         rows = np.arange(start, start + piece.num_rows)
         if type(stage).prepare_batch is not Stage.prepare_batch:
             piece = prepare_part(spec, stage, shard, with_rows(piece, rows))
-            out, rej, more = process_part(spec, stage, shard, piece)
+            out, rej, more, _ = process_part(spec, stage, shard, piece)
         else:
             out, rej, more = process_rows(spec, stage, shard, piece, rows)
         parts.append((out, rej))
@@ -273,9 +282,8 @@ def prepare_part(spec: StageSpec, stage: Stage, shard: int, part: pa.Table) -> p
     return prepared.replace_schema_metadata({**(prepared.schema.metadata or {}), PREPARE_SECONDS: seconds})
 
 
-def process_part(spec: StageSpec, stage: Stage, shard: int,
-                 part: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, int]]:
-    """`process_batch` on a prepared part (in an actor): (output + `__row`, rejects + `__row`, counters)."""
+def process_part(spec: StageSpec, stage: Stage, shard: int, part: pa.Table) -> PartResult:
+    """`process_batch` on a prepared part (in an actor); rows the prepare step rejected pass as rejects."""
     t0 = time.perf_counter()
     prepare_seconds = float((part.schema.metadata or {}).get(PREPARE_SECONDS, b"0"))
     rejected = pc.is_valid(part[REASON])
@@ -295,8 +303,7 @@ def process_part(spec: StageSpec, stage: Stage, shard: int,
     rejects = pa.concat_tables(rej_parts) if rej_parts else with_rows(REJECT_SCHEMA.empty_table(), np.empty(0))
     if out is None:
         out = with_rows(spec.cls.output_schema.empty_table(), np.empty(0))
-    seconds = time.perf_counter() - t0 + prepare_seconds
-    return out, rejects, {**counters, "__seconds_ms": int(seconds * 1000)}
+    return PartResult(out, rejects, counters, time.perf_counter() - t0 + prepare_seconds)
 
 
 def write_parts(spec: StageSpec, shard: int, rows_in: int, parts: Sequence[tuple[pa.Table, pa.Table]],
@@ -323,7 +330,7 @@ def write_parts(spec: StageSpec, shard: int, rows_in: int, parts: Sequence[tuple
     reject_table = reject_table.drop_columns([ROW]) if ROW in reject_table.column_names else reject_table
     try:
         stats = stats_mod.shard_stats(spec.name, shard, spec.fingerprint, rows_in, output, reject_table,
-                                      seconds, peak_rss_mb(), counters=_public(counters))
+                                      seconds, peak_rss_mb(), counters=dict(sorted(counters.items())))
     except ValueError as e:  # stats that do not balance
         raise ShardFailed(f"stage {spec.name!r} shard {shard}: {e}") from None
     blobs = {"parquet": parquet_bytes(output), "rejects.parquet": parquet_bytes(reject_table),
@@ -336,17 +343,16 @@ def write_parts(spec: StageSpec, shard: int, rows_in: int, parts: Sequence[tuple
         raise ShardFailed(f"stage {spec.name!r} shard {shard}: cannot write {where}.*: {e}") from None
     return ShardReport(stage=spec.name, shard=shard, fingerprint=spec.fingerprint, rows_in=rows_in,
                        rows_out=output.num_rows, rejects=stats.rejects, files=files, seconds=seconds,
-                       peak_rss_mb=stats.peak_rss_mb, counters=_public(counters))
+                       peak_rss_mb=stats.peak_rss_mb, counters=dict(sorted(counters.items())))
 
 
-def write_part_results(spec: StageSpec, shard: int, rows_in: int,
-                       results: Sequence[tuple[pa.Table, pa.Table, dict[str, int]]]) -> ShardReport:
+def write_part_results(spec: StageSpec, shard: int, rows_in: int, results: Sequence[PartResult]) -> ShardReport:
     """The last task of a stage run in parts: `results` are the `process_part` results, in part order."""
     counters: dict[str, int] = {}
-    for _, _, more in results:
-        _add(counters, more)
-    seconds = counters.pop("__seconds_ms", 0) / 1000.0
-    return write_parts(spec, shard, rows_in, [(o, r) for o, r, _ in results], seconds, counters)
+    for r in results:
+        _add(counters, r.counters)
+    return write_parts(spec, shard, rows_in, [(r.output, r.rejects) for r in results],
+                       sum(r.seconds for r in results), counters)
 
 
 def _in_row_order(parts: list[pa.Table]) -> pa.Table:
@@ -369,5 +375,3 @@ def _add(into: dict[str, int], more: Mapping[str, int]) -> None:
         into[k] = into.get(k, 0) + int(v)
 
 
-def _public(counters: Mapping[str, int]) -> dict[str, int]:
-    return {k: v for k, v in sorted(counters.items()) if not k.startswith("__")}

@@ -131,7 +131,7 @@ def test_prepare_rejects_travel_to_the_process_step(tmp_path):
     part = with_rows(_input(["a dog", "bad image", "a cow"]), np.array([3, 4, 5]))
     prepared = prepare_part(spec, stage, 1, part)
     assert prepared.num_rows == 3 and prepared["__reason"].null_count == 2
-    out, rej, _ = process_part(spec, stage, 1, prepared)
+    out, rej, _, _ = process_part(spec, stage, 1, prepared)
     assert out.to_pydict() == {"key": ["k0", "k2"], "upper": ["A DOG", "A COW"], "__row": [3, 5]}
     assert rej.select(["key", "stage", "reason", "__row"]).to_pylist() == [
         {"key": "k1", "stage": "upper", "reason": "image_unreadable", "__row": 4}]
