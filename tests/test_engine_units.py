@@ -225,3 +225,24 @@ def test_actor_pools_leave_room_for_tasks(cluster, asked, expected):
 def test_a_gpu_stage_on_a_cluster_without_gpus_is_a_clear_error():
     with pytest.raises(RuntimeError, match="needs 1 GPU per actor but the Ray cluster has 0"):
         fit_cluster({"detect": Resources(cpus=1, gpus=1, actor=True)}, {"CPU": 8})
+
+
+def test_the_driver_imports_no_model_library(tmp_path):
+    """Planning and the driver's engine modules load without torch, transformers, groundingdino or spaCy
+    (they load in the workers that run the stages)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys\n"
+            "from grit_pipeline.config import load_config\n"
+            "from grit_pipeline.engine import build_plan\n"
+            "import grit_pipeline.scheduler, grit_pipeline.ray_runtime, grit_pipeline.publish, grit_pipeline.cli\n"
+            "build_plan(load_config('configs/demo.yaml'), output_uri=sys.argv[1])\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'transformers', 'groundingdino', 'spacy') "
+            "if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
