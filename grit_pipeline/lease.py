@@ -235,9 +235,10 @@ class Lease:
             except Conflict:
                 current, store_now = self.file.read()
                 if current is None or _parse(current.data).get("token") != self.token:
-                    holder = _describe(_lease_state(current, store_now)) if current is not None else "nobody"
-                    self.lost = LeaseLost(f"{self.rundir.uri}: the lease was taken over; it is now held by "
-                                          f"{holder}. This run must stop writing there.")
+                    what = (f"taken over; it is now held by {_describe(_lease_state(current, store_now))}"
+                            if current is not None else "removed by someone else")
+                    self.lost = LeaseLost(f"{self.rundir.uri}: the lease was {what}. This run must stop writing "
+                                          "there.")
                     raise self.lost from None
                 self.version = current.version  # our last write went through but its answer was lost
                 self.version = self.file.replace(_bytes(doc), self.version)

@@ -114,6 +114,15 @@ def test_stale_lease_is_taken_over_and_its_holder_loses_it(store, caplog):
     assert read_lease(store.rundir) is None
 
 
+def test_a_removed_lease_is_lost(store):
+    lease = Lease.acquire(store.rundir, stale_after_s=600, command="grit run")
+    store.rundir.fs.rm(store.rundir.path(LEASE_FILE))
+    with pytest.raises(LeaseLost, match="removed"):
+        lease.heartbeat()
+    lease.release()  # nothing to release, no error
+    assert read_lease(store.rundir) is None
+
+
 def test_heartbeat_refreshes_the_age(store):
     lease = Lease.acquire(store.rundir, stale_after_s=600, command="grit run")
     store.age_lease(1000)
@@ -183,7 +192,7 @@ while not os.path.exists(os.path.join(folder, "end")):  # hold on: a dead winner
 """
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])
+@pytest.mark.parametrize("kind", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("takeover", [False, True], ids=["free", "stale"])
 def test_processes_racing_for_the_lease_have_exactly_one_winner(kind, takeover, tmp_path, request):
     """Four processes take the lease at once: of a free run directory, or of one whose lease is stale."""
