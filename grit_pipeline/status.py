@@ -103,7 +103,10 @@ class StatusReader:
             else:
                 pending = None
             shards_per_min = len(recent) * per_min
-            eta = (0.0 if not pending else (pending / shards_per_min * 60.0 if shards_per_min else None))
+            if pending is None or (pending and not shards_per_min):
+                eta = None  # nothing planned to compare with, or no recent commit to extrapolate from
+            else:
+                eta = pending / shards_per_min * 60.0 if pending else 0.0
             stages.append({
                 "stage": stage, "fingerprint": fp, "committed": len(committed), "failed": len(failed),
                 "pending": pending, "failed_shards": failed,

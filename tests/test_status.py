@@ -45,10 +45,10 @@ def rows_out(stage: str, shard: int) -> int:
     return rows_in(stage, shard) - shard
 
 
-def write_run(rundir: RunDir, ago: dict | None = None) -> None:
+def write_run(rundir: RunDir, ago: dict | None = None, planned: bool = True) -> None:
     """A run of three stages over shards 0-9, partly committed, with failures, final shards and a log."""
-    rundir.write_text("run.yaml", yaml.safe_dump({"fingerprints": FPS, "shards": PLANNED, "layout": 2},
-                                                 sort_keys=False))
+    doc = {"fingerprints": FPS, "layout": 2, **({"shards": PLANNED} if planned else {})}
+    rundir.write_text("run.yaml", yaml.safe_dump(doc, sort_keys=False))
     for stage, shards in COMMITTED.items():
         fp = FPS[stage]
         for shard in shards:
@@ -129,6 +129,18 @@ def test_throughput_of_a_run_younger_than_the_window(tmp_path):
     os.utime(rundir.path("run.yaml"), (now - 120, now - 120))
     ingest = run_status(rundir, window_s=600)["stages"][0]
     assert 110 < ingest["recent_shards"] / ingest["shards_per_min"] * 60 < 200  # per the 2 minutes it ran
+
+
+def test_without_a_planned_shard_list_pending_and_eta_are_unknown(tmp_path):
+    """A run.yaml without `shards:` (written before the engine recorded them)."""
+    rundir = RunDir(str(tmp_path / "run"))
+    write_run(rundir, AGO, planned=False)
+    status = run_status(rundir)
+    assert status["planned_shards"] is None and status["eta_s"] is None
+    assert all(s["pending"] is None and s["eta_s"] is None for s in status["stages"])
+    assert [s["committed"] for s in status["stages"]] == [len(v) for v in COMMITTED.values()]
+    text = CliRunner().invoke(_app(), ["status", str(tmp_path / "run")])
+    assert text.exit_code == 0 and "final shards published: 2\n" in text.stdout
 
 
 @pytest.mark.parametrize("kind", ["memory", "s3"])
