@@ -72,6 +72,12 @@ class RunConfig(BaseModel):
     # Ctrl-C / SIGTERM: how long the work in flight may go on committing before it is cancelled.
     stop_grace_s: float = Field(120.0, ge=0)
     progress: bool = True  # progress bars, one per stage
+    # One `grit run` per run directory (`grit_pipeline.lease`): a lease whose heartbeat (refreshed every
+    # 30 s, or a quarter of this if less) is older than this many seconds belongs to a dead run and is
+    # taken over.
+    lease_stale_s: float = Field(600.0, gt=0)
+    # Ctrl-C / SIGTERM: how long to wait for the shards in flight to commit before cancelling them.
+    stop_grace_s: float = Field(120.0, ge=0)
     storage_options: dict[str, Any] = Field(default_factory=dict)  # fsspec options for the run directory
     # Environment variables (fnmatch patterns) sent to the workers of a remote cluster, e.g. credentials
     # for s3:// inputs; local Ray workers inherit the driver's environment anyway.

@@ -2,7 +2,8 @@
 
 Reads the per-shard stats (funnel), a few columns of the stage outputs (plots and the gallery's sample:
 all shards, or an even spread of `max_shards` of them on a large run), the sampled rows' columns and
-images, and a few rejects per reason.
+images, a few rejects per reason, and the names of the run logs and `failures.jsonl` (the "Run log"
+section: `grit_pipeline.report.run_log`).
 Same run + same options -> byte-identical files: no timestamps, sorted keys, a keyed-hash sample.
 """
 
@@ -23,6 +24,7 @@ from grit_pipeline.report.gallery import GalleryItem, build_gallery
 from grit_pipeline.report.page import render_page
 from grit_pipeline.report.reject_examples import reject_groups
 from grit_pipeline.report.run_files import RunFiles
+from grit_pipeline.report.run_log import run_log_section
 from stages.select import SelectConfig
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,7 @@ def build_report(run_uri: str, options: ReportOptions | None = None, storage_opt
                  for stage in dict.fromkeys(g.stage for g in groups)],
         examples_per_reason=opts.examples_per_reason,
         config_yaml=yaml.safe_dump(run.config, sort_keys=False) if run.config else "(no run.yaml)",
+        run_log=run_log_section(run),
     )
     index_url = run.write_text("report/index.html", html)
     run.write_text("report/kept_fraction.json", json.dumps(kept, indent=2) + "\n")

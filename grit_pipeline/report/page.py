@@ -88,6 +88,9 @@ details.rejects summary { cursor:pointer; padding:8px 12px; font-weight:500; }
 details.rejects summary .n { color:var(--muted); font-weight:400; margin-left:6px; }
 details.rejects table { width:100%; border-top:1px solid var(--line); }
 details.rejects td.key { font-family:ui-monospace,monospace; white-space:nowrap; }
+ul.logs { margin:4px 0 10px; padding-left:20px; }
+ul.logs code, p code { color:var(--muted); font-size:12px; word-break:break-all; }
+.failures td { font-size:12px; }
 details.config pre { background:#fff; border:1px solid var(--line); padding:10px; border-radius:6px; overflow:auto; }
 footer { color:var(--muted); font-size:12px; padding:20px 28px; }
 """
@@ -131,7 +134,7 @@ _TEMPLATE = r"""<!doctype html>
     {% for k, v in chips %}<span class="chip">{{ k }}={{ v }}</span>{% endfor %}
   </div>
 </header>
-<nav><a href="#funnel">Funnel</a><a href="#plots">Plots</a><a href="#gallery">Gallery</a><a href="#rejects">Rejects</a><a href="#config">Config</a></nav>
+<nav><a href="#funnel">Funnel</a><a href="#plots">Plots</a><a href="#gallery">Gallery</a><a href="#rejects">Rejects</a><a href="#runlog">Run log</a><a href="#config">Config</a></nav>
 <main>
 
 <section id="funnel">
@@ -242,6 +245,32 @@ _TEMPLATE = r"""<!doctype html>
 {% else %}
 <p>No rows were rejected.</p>
 {% endfor %}
+</section>
+
+<section id="runlog">
+<h2>Run log</h2>
+{% if run_log.logs %}
+<p class="hint">The log of each <code>grit run</code> into this directory, by start time (UTC).</p>
+<ul class="logs">
+{% for l in run_log.logs %}<li><a href="{{ l.href }}" data-log="{{ l.name }}">{{ l.name }}</a> <code>{{ l.url }}</code></li>
+{% endfor %}
+</ul>
+{% else %}
+<p class="hint">No run logs in this run directory.</p>
+{% endif %}
+{% set fl = run_log.failures %}
+{% if fl.count %}
+<p data-failures="{{ fl.count }}"><b>{{ "{:,}".format(fl.count) }}</b> shard failure(s) recorded in <a href="{{ fl.href }}">failures.jsonl</a> <code>{{ fl.url }}</code>{% for stage, n in fl.by_stage %}<span class="reason" data-stage="{{ stage }}" data-count="{{ n }}">{{ stage }} <b>{{ n }}</b></span>{% endfor %}</p>
+<table class="failures">
+<thead><tr><th>time</th><th>stage</th><th class="num">shard</th><th>key</th><th>error</th><th>message</th></tr></thead>
+<tbody>
+{% for f in fl.latest %}<tr data-stage="{{ f.stage }}" data-shard="{{ f.shard }}"><td>{{ f.time }}</td><td>{{ f.stage }}</td><td class="num">{{ f.shard }}</td><td class="key">{{ f.key if f.key is not none else "" }}</td><td>{{ f.error_type if f.error_type is not none else "" }}</td><td>{{ f.message }}</td></tr>
+{% endfor %}
+</tbody></table>
+{% if fl.count > fl.latest|length %}<p class="hint">The latest {{ fl.latest|length }} shown; every failure, with its traceback, is in failures.jsonl.</p>{% endif %}
+{% else %}
+<p data-failures="0">No shard failures recorded.</p>
+{% endif %}
 </section>
 
 <section id="config">
