@@ -30,7 +30,8 @@ app = typer.Typer(
 )
 
 # Modules that add their own commands through `register(app)`; each is imported only if it exists.
-COMMAND_MODULES = ("grit_pipeline.report.commands", "grit_pipeline.train.commands", "grit_pipeline.download")
+COMMAND_MODULES = ("grit_pipeline.report.commands", "grit_pipeline.train.commands", "grit_pipeline.download",
+                   "grit_pipeline.status_cli")
 
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config; stage defaults without one.")]
 InputOpt = Annotated[str | None, typer.Option("--input", "-i", help="Source URI (img2dataset folder, Parquet, ...).")]
@@ -97,10 +98,12 @@ def run(
                           from_stage=from_stage, to_stage=to_stage)
     except (ConfigError, PlanError, ValueError) as e:
         _fail(str(e))
+    from grit_pipeline.lease import LeaseHeld
+
     try:
-        result = execute(plan)
-    except PlanError as e:
-        _fail(str(e))
+        result = execute(plan, command=resume_command())
+    except (PlanError, LeaseHeld) as e:
+        _fail(display_text(str(e)))
     except OSError as e:  # the run directory itself cannot be written
         _fail(f"cannot write the run directory {output}: {e}", 1)
     console = _console()

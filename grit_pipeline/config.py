@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from stages.registry import STAGE_ORDER, stage_class
 
 # Keys `grit run` writes into run.yaml for readers (report, stats); not part of the config.
-RUN_YAML_INFO_KEYS = ("fingerprints",)
+RUN_YAML_INFO_KEYS = ("fingerprints", "layout", "planned_shards")
 
 _SHARD_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -69,8 +69,6 @@ class RunConfig(BaseModel):
     # Shards the CPU stages may run ahead of the GPU stage (beyond one per detect actor): enough that the
     # GPU never waits for chunks, few enough that a week-long run keeps memory and disk bounded.
     shards_ahead: int = Field(2, ge=0)
-    # Ctrl-C / SIGTERM: how long the work in flight may go on committing before it is cancelled.
-    stop_grace_s: float = Field(120.0, ge=0)
     progress: bool = True  # progress bars, one per stage
     # One `grit run` per run directory (`grit_pipeline.lease`): a lease whose heartbeat (refreshed every
     # 30 s, or a quarter of this if less) is older than this many seconds belongs to a dead run and is

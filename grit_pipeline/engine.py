@@ -89,9 +89,35 @@ def final_metadata(plan: RunPlan) -> dict[bytes, bytes]:
     return {b"grit_pipeline": json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()}
 
 
-def execute(plan: RunPlan, *, progress: bool | None = None) -> RunResult:
-    """Run the planned stages on Ray (local unless `run.address`), committing shard by shard."""
-    from grit_pipeline.publish import remove_stale
+def execute(plan: RunPlan, *, progress: bool | None = None, command: str | None = None) -> RunResult:
+    """Run the planned stages on Ray (local unless `run.address`), committing shard by shard.
+
+    Holds the run directory's lease for the whole run (`grit_pipeline.lease`: a second run on the same
+    directory raises `LeaseHeld`), writes the run's log lines to `<run>/logs/` and every shard failure to
+    `<run>/failures.jsonl`. `command` is what the lease and log say started the run (default: argv)."""
+    import shlex
+    import sys
+
+    from grit_pipeline.lease import Lease
+    from grit_pipeline.runlog import FailureLog, RunLogHandler, run_started
+
+    check_writable(plan.rundir)
+    lease = Lease.acquire(plan.rundir, stale_after_s=plan.run.lease_stale_s,
+                          command=command or shlex.join(sys.argv))
+    started_at = run_started()
+    handler = RunLogHandler(plan.rundir, started_at)
+    logging.getLogger().addHandler(handler)
+    try:
+        log.info("grit run %s -> %s (%d shards), lease held", plan.input_uri, plan.rundir.uri, len(plan.shards))
+        return _execute(plan, progress, lease, FailureLog(plan.rundir, started_at))
+    finally:
+        lease.release()
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _execute(plan: RunPlan, progress: bool | None, lease: Any, failure_log: Any) -> RunResult:
+    from grit_pipeline.publish import PUBLISH, remove_stale
     from grit_pipeline.ray_runtime import cluster_resources, ensure_ray, fit_cluster, shutdown_ray
     from grit_pipeline.scheduler import Scheduler
     from grit_pipeline.stopping import StopSignals
@@ -99,13 +125,24 @@ def execute(plan: RunPlan, *, progress: bool | None = None) -> RunResult:
     run = plan.run
     progress = run.progress if progress is None else progress
     rundir = plan.rundir
-    check_writable(rundir)
     rundir.clean_tmp()
     cleaned = {s.name: rundir.clean_uncommitted(s.name, s.fingerprint) for s in plan.stages if s.selected}
     rundir.write_text("run.yaml", yaml.safe_dump(
-        {**config_dict(plan.config), "fingerprints": plan.fingerprints, "layout": LAYOUT},
-        sort_keys=False, allow_unicode=True))
+        {**config_dict(plan.config), "fingerprints": plan.fingerprints, "layout": LAYOUT,
+         "planned_shards": plan.shards}, sort_keys=False, allow_unicode=True))
     last = plan.stages[-1]
+    fingerprints = {**plan.fingerprints, PUBLISH: last.fingerprint}
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind != "failure":
+            return
+        fields = {k: info.get(k) for k in ("input_file", "key", "error_type", "traceback")}
+        try:
+            failure_log.record(stage=info["stage"], shard=info["shard"], message=info["message"],
+                               fingerprint=fingerprints.get(info["stage"]), **fields)
+        except OSError as e:
+            log.error("cannot record the failure in %s: %s", failure_log.url, e)
+
     started = ensure_ray(run.address, run.num_cpus, run.num_gpus, run.forward_env)
     try:
         try:
@@ -114,9 +151,11 @@ def execute(plan: RunPlan, *, progress: bool | None = None) -> RunResult:
             raise PlanError(str(e)) from None
         specs = {s.name: stage_spec(plan, s) for s in plan.stages if s.selected}
         publisher = (rundir, last.name, last.fingerprint, final_metadata(plan)) if last.selected else None
-        scheduler = Scheduler(plan, fit, specs, publisher_args=publisher, progress=progress)
+        scheduler = Scheduler(plan, fit, specs, publisher_args=publisher, progress=progress, on_event=on_event)
         for name, paths in cleaned.items():
             scheduler.outcomes[name].cleaned = paths
+        # someone took the run directory over (our heartbeat was too old): stop writing into it at once
+        lease.start_heartbeat(on_lost=lambda e: scheduler.request_abort())
         signals = StopSignals(on_stop=lambda: scheduler.request_stop(run.stop_grace_s),
                               on_abort=scheduler.request_abort, grace_s=run.stop_grace_s)
         with signals:

@@ -26,6 +26,7 @@ from typing import Any
 
 from grit_pipeline.shard_work import (
     PartResult,
+    ShardFailed,
     ShardReport,
     StageSpec,
     prepare_part,
@@ -200,6 +201,16 @@ class Remote:
         if cls._made is None:
             cls._made = cls()
         return cls._made
+
+
+def failure_details(exc: BaseException) -> dict[str, Any]:
+    """Input file, key, error type and traceback of a failed remote call, as far as they are known."""
+    cause = getattr(exc, "cause", None)
+    if cause is not None and cause is not exc:
+        return failure_details(cause)
+    if isinstance(exc, ShardFailed):
+        return exc.details()
+    return {"error_type": type(exc).__name__, "traceback": str(exc)}
 
 
 def failure_message(exc: BaseException) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 
 from grit_pipeline.plan import RunPlan, StagePlan
 from grit_pipeline.publish import PUBLISH, PublishReport
-from grit_pipeline.ray_runtime import Fit, Remote, failure_message
+from grit_pipeline.ray_runtime import Fit, Remote, failure_details, failure_message
 from grit_pipeline.rundir import shard_name
 from grit_pipeline.shard_work import ShardReport, StageSpec
 from stages.base import PreparedExecution
@@ -48,6 +48,7 @@ class ShardFailure:
     stage: str
     shard: int
     message: str
+    details: dict[str, Any] = field(default_factory=dict)  # input_file, key, error_type, traceback
 
     def __str__(self) -> str:
         return f"[{self.stage} shard {self.shard}] {self.message}"
@@ -305,7 +306,7 @@ class Scheduler:
         try:
             report: ShardReport = self.ray.get(ref)
         except Exception as e:  # noqa: BLE001 - the shard fails, the run goes on
-            self._fail(flow, name, failure_message(e))
+            self._fail(flow, name, failure_message(e), failure_details(e))
             return
         self._commit(flow, name, report)
 
@@ -326,14 +327,14 @@ class Scheduler:
         if stage.index == len(self.stages) - 1:
             self.committed_last.add(flow.shard)
 
-    def _fail(self, flow: _Flow, stage: str, message: str) -> None:
+    def _fail(self, flow: _Flow, stage: str, message: str, details: dict[str, Any] | None = None) -> None:
         flow.failed = True
         flow.busy = False
         if flow.shard not in self.failures:
-            self.failures[flow.shard] = ShardFailure(stage, flow.shard, message)
+            self.failures[flow.shard] = ShardFailure(stage, flow.shard, message, dict(details or {}))
             self.outcomes[stage].failed.append(flow.shard)
             log.error("%s", self.failures[flow.shard])
-            self.on_event("failure", {"stage": stage, "shard": flow.shard, "message": message})
+            self.on_event("failure", {"stage": stage, "shard": flow.shard, "message": message, **(details or {})})
         if stage in self.bars:
             self.bars[stage].set_postfix(failed=len(self.outcomes[stage].failed), refresh=False)
 
@@ -440,8 +441,11 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001
             self.publish_failed.append(shard)
             message = failure_message(e)
-            self.failures.setdefault(shard, ShardFailure(PUBLISH, shard, message))
-            log.error("[publish shard %d] %s", shard, message)
+            if shard not in self.failures:
+                self.failures[shard] = ShardFailure(PUBLISH, shard, message, failure_details(e))
+                log.error("%s", self.failures[shard])
+                self.on_event("failure", {"stage": PUBLISH, "shard": shard, "message": message,
+                                          **failure_details(e)})
             return
         self.published.append(shard)
         self.on_event("published", {"shard": shard, "rows": report.rows_out, "duplicates": report.duplicates,

@@ -54,7 +54,20 @@ CULPRIT_SEARCH_MAX_ROWS = 256  # on a failed batch, retry up to this many rows o
 
 
 class ShardFailed(Exception):
-    """A stage failed on a shard; the message says which stage, shard, file and (where known) key."""
+    """A stage failed on a shard; the message says which stage, shard, file and (where known) key, and
+    the same facts travel as fields (for `failures.jsonl`)."""
+
+    def __init__(self, message: str, input_file: str | None = None, key: str | None = None,
+                 error_type: str | None = None, traceback: str | None = None):
+        super().__init__(message)
+        self.input_file, self.key, self.error_type, self.traceback = input_file, key, error_type, traceback
+
+    def __reduce__(self):  # keep the fields through pickling (Ray sends it to the driver)
+        return (ShardFailed, (str(self), self.input_file, self.key, self.error_type, self.traceback))
+
+    def details(self) -> dict[str, str | None]:
+        return {"input_file": self.input_file, "key": self.key, "error_type": self.error_type,
+                "traceback": self.traceback}
 
 
 @dataclass(frozen=True)
@@ -175,7 +188,7 @@ def process_rows(spec: StageSpec, stage: Stage, shard: int, inp: pa.Table,
         else:
             out_idx, rej_idx = account_rows(spec.name, inp["key"], out, rej)
     except Exception as e:  # noqa: BLE001 - the shard fails with a message naming the row
-        raise ShardFailed(describe_failure(spec, shard, inp, e, stage)) from None
+        raise describe_failure(spec, shard, inp, e, stage) from None
     return with_rows(out, rows[out_idx]), with_rows(rej, rows[rej_idx]), dict(res.counters)
 
 
@@ -184,20 +197,25 @@ def with_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
 
 
 def describe_failure(spec: StageSpec, shard: int, inp: pa.Table | None, exc: BaseException,
-                     stage: Stage | None = None, prepare: bool = False) -> str:
+                     stage: Stage | None = None, prepare: bool = False) -> ShardFailed:
+    """The ShardFailed to raise for `exc`: stage, shard, input file, the key to blame where one row is
+    (rows of a failed batch are retried one by one to find it), error type and traceback."""
     if isinstance(exc, ShardFailed):
-        return str(exc)
+        return exc
     where = (f"stage {spec.name!r}{' (prepare_batch)' if prepare else ''} failed on shard {shard} "
              f"({spec.input_desc(shard)})")
     what = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    fields = {"input_file": spec.input_desc(shard), "error_type": type(exc).__name__,
+              "traceback": "".join(traceback.format_exception(exc))}
     if (isinstance(exc, (StageOutputError, TransientIOError)) or inp is None or "key" not in inp.column_names
             or inp.num_rows == 0):  # a transient error names its file and keys; re-running rows would only wait
-        return f"{where}: {what}"
+        return ShardFailed(f"{where}: {what}", **fields)
     culprit = _find_culprit(stage, inp, prepare) if stage is not None else None
     if culprit is not None:
-        return f"{where} at key {culprit!r}: {what}"
+        return ShardFailed(f"{where} at key {culprit!r}: {what}", key=culprit, **fields)
     keys = inp["key"]
-    return f"{where} in a batch of {inp.num_rows} rows (keys {keys[0].as_py()!r}..{keys[-1].as_py()!r}): {what}"
+    return ShardFailed(f"{where} in a batch of {inp.num_rows} rows (keys {keys[0].as_py()!r}..{keys[-1].as_py()!r}): "
+                       f"{what}", **fields)
 
 
 def _find_culprit(stage: Stage, inp: pa.Table, prepare: bool) -> str | None:
@@ -221,7 +239,7 @@ def run_shard(spec: StageSpec, stage: Stage, shard: int) -> ShardReport:
     except ShardFailed:
         raise
     except Exception as e:  # noqa: BLE001
-        raise ShardFailed(describe_failure(spec, shard, None, e)) from None
+        raise describe_failure(spec, shard, None, e) from None
     n = inp.num_rows
     step = max(n if spec.is_source or not spec.batch_rows else spec.batch_rows, 1)  # the source: whole
     parts: list[tuple[pa.Table, pa.Table]] = []
@@ -246,7 +264,7 @@ def split_input(spec: StageSpec, shard: int, parts: int) -> tuple[pa.Table, ...]
     try:
         inp = load_input(spec, shard)
     except Exception as e:  # noqa: BLE001
-        raise ShardFailed(describe_failure(spec, shard, None, e)) from None
+        raise describe_failure(spec, shard, None, e) from None
     step = spec.batch_rows or max(inp.num_rows, 1)
     expected = -(-inp.num_rows // step)
     if expected != parts:
@@ -269,7 +287,7 @@ def prepare_part(spec: StageSpec, stage: Stage, shard: int, part: pa.Table) -> p
         rej = conform_rejects(spec.name, res.rejects)
         out_idx, rej_idx = account_rows(spec.name, inp["key"], res.output, rej)
     except Exception as e:  # noqa: BLE001
-        raise ShardFailed(describe_failure(spec, shard, inp, e, stage, prepare=True)) from None
+        raise describe_failure(spec, shard, inp, e, stage, prepare=True) from None
     prepared = res.output.drop_columns([c for c in (ROW, REASON, DETAIL) if c in res.output.column_names])
     n = prepared.num_rows
     prepared = (with_rows(prepared, rows[out_idx])
@@ -340,7 +358,8 @@ def write_parts(spec: StageSpec, shard: int, rows_in: int, parts: Sequence[tuple
         files = with_retries(lambda: spec.rundir.write_shard_files(spec.name, spec.fingerprint, shard, blobs),
                              what=f"write {where}")
     except OSError as e:  # the run directory refused a write: nothing of this shard is committed
-        raise ShardFailed(f"stage {spec.name!r} shard {shard}: cannot write {where}.*: {e}") from None
+        raise ShardFailed(f"stage {spec.name!r} shard {shard}: cannot write {where}.*: {e}",
+                          input_file=spec.input_desc(shard), error_type=type(e).__name__) from None
     return ShardReport(stage=spec.name, shard=shard, fingerprint=spec.fingerprint, rows_in=rows_in,
                        rows_out=output.num_rows, rejects=stats.rejects, files=files, seconds=seconds,
                        peak_rss_mb=stats.peak_rss_mb, counters=dict(sorted(counters.items())))

@@ -5,7 +5,7 @@
 
 Per stage (in `run.yaml`'s order, at its fingerprints): committed shards (`_done` markers), failed shards
 (`failures.jsonl` lines of that stage and fingerprint whose shard has not been committed since), pending
-shards (planned - committed - failed, where planned is `run.yaml`'s `shards:` less the shards that failed
+shards (planned - committed - failed, where planned is `run.yaml`'s `planned_shards:` less the shards that failed
 at an earlier stage, which never reach this one), rows in and out so far (summed over the markers),
 throughput over the last `window_s` (shards and input rows per minute, from the markers' store-side
 modification times, over the window or the time since the run started if shorter), and the time it
@@ -82,7 +82,7 @@ class StatusReader:
     def read(self, window_s: float = 600.0) -> dict[str, Any]:
         config, started_mtime = self._config()
         fingerprints: dict[str, str] = dict(config.get("fingerprints") or {})
-        planned = config.get("shards")
+        planned = config.get("planned_shards")
         planned_set = {int(s) for s in planned} if isinstance(planned, list) else None
         lease, now = lease_and_clock(self.rundir)
         failures = read_failures(self.rundir)

@@ -24,6 +24,7 @@ from grit_pipeline.api import run_pipeline
 from grit_pipeline.config import load_config
 from grit_pipeline.engine import build_plan, execute
 from grit_pipeline.plan import config_for
+from grit_pipeline.rundir import RunDir
 from grit_pipeline.stage_io import join_upstream
 from grit_pipeline.validate import validate_run
 from schemas.tables import REJECT_SCHEMA
@@ -368,10 +369,21 @@ def test_a_failing_shard_is_reported_while_the_others_commit(fake_input, tmp_pat
     assert "stages/src/" in failure.message and "shard-00001.parquet" in failure.message
     assert "at key '1-3'" in failure.message and "injected fault" in failure.message
     assert result.final_shards == [0, 2, 3]
+    from grit_pipeline.runlog import read_failures
+
+    [entry] = read_failures(RunDir(str(run)))  # failures.jsonl: the same facts, as fields
+    assert (entry["stage"], entry["shard"], entry["key"], entry["error_type"]) == ("pids", 1, "1-3", "ValueError")
+    assert entry["input_file"].endswith("stages/src/" + plan_fp(cfg, fake_input, run, "src") + "/shard-00001.parquet")
+    assert "injected fault" in entry["message"] and "Traceback" in entry["traceback"]
     fault.unlink()  # fixed: the re-run computes only the failed shard
     again = execute(build_plan(cfg, input_uri=str(fake_input), output_uri=str(run), stage_classes=FAKE_STAGES))
     assert again.ok and again.final_shards == [0, 1, 2, 3]
     assert again.stage("pids").computed == [1] and again.stage("pids").cached == [0, 2, 3]
+
+
+def plan_fp(cfg, fake_input, run, stage: str) -> str:
+    return build_plan(cfg, input_uri=str(fake_input), output_uri=str(run), stage_classes=FAKE_STAGES,
+                      inspect_cache=False).fingerprints[stage]
 
 
 def test_limit_and_running_stage_ranges(fake_input, tmp_path):

@@ -47,7 +47,7 @@ def rows_out(stage: str, shard: int) -> int:
 
 def write_run(rundir: RunDir, ago: dict | None = None, planned: bool = True) -> None:
     """A run of three stages over shards 0-9, partly committed, with failures, final shards and a log."""
-    doc = {"fingerprints": FPS, "layout": 2, **({"shards": PLANNED} if planned else {})}
+    doc = {"fingerprints": FPS, "layout": 2, **({"planned_shards": PLANNED} if planned else {})}
     rundir.write_text("run.yaml", yaml.safe_dump(doc, sort_keys=False))
     for stage, shards in COMMITTED.items():
         fp = FPS[stage]
