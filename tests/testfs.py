@@ -24,6 +24,19 @@ class _ObjectStoreStandIn(LocalFileSystem):
     """The local disk under another protocol, so the engine treats it as an object store (one PUT per file,
     no rename); unlike a real object store it needs folders, which `pipe_file` makes."""
 
+    root_marker = "/"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        for protocol in cls.protocol:
+            if path.startswith(f"{protocol}://"):
+                path = path[len(protocol) + 3:]
+        return LocalFileSystem._strip_protocol(path)
+
+    def unstrip_protocol(self, name: str) -> str:
+        return f"{self.protocol[0]}://{self._strip_protocol(name)}"
+
     def pipe_file(self, path, value, **kwargs):
         Path(self._strip_protocol(path)).parent.mkdir(parents=True, exist_ok=True)
         return super().pipe_file(path, value, **kwargs)
@@ -31,17 +44,6 @@ class _ObjectStoreStandIn(LocalFileSystem):
 
 class FlakyFileSystem(_ObjectStoreStandIn):
     protocol = ("flaky",)
-    root_marker = "/"
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = str(path)
-        if path.startswith("flaky://"):
-            path = path[len("flaky://"):]
-        return LocalFileSystem._strip_protocol(path)
-
-    def unstrip_protocol(self, name: str) -> str:
-        return f"flaky://{self._strip_protocol(name)}"
 
     def _open(self, path, mode="rb", **kwargs):
         if "r" in mode:
@@ -78,21 +80,10 @@ def add_flaky_rule(name: str, text: str, failures: int = 1) -> Path:
 
 class FullDiskFileSystem(_ObjectStoreStandIn):
     protocol = ("fulldisk",)
-    root_marker = "/"
 
     def __init__(self, target: str = "", **kwargs):
         super().__init__(**kwargs)
         self.target = target
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = str(path)
-        if path.startswith("fulldisk://"):
-            path = path[len("fulldisk://"):]
-        return LocalFileSystem._strip_protocol(path)
-
-    def unstrip_protocol(self, name: str) -> str:
-        return f"fulldisk://{self._strip_protocol(name)}"
 
     def pipe_file(self, path, value, **kwargs):
         if self.target and str(path).endswith(self.target):
