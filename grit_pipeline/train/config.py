@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from grit_pipeline.config import load_settings
+from grit_pipeline.train.choices import check_device
 from grit_pipeline.train.model import ModelConfig
 
 
@@ -40,7 +41,7 @@ class TrainConfig(BaseModel):
     num_workers: int = 1
     shuffle_buffer: int = 1000
     on_missing_image: Literal["skip", "error"] = "skip"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: Annotated[str, AfterValidator(check_device)] = "auto"  # auto | cpu | cuda | cuda:N
     # torch intra-op threads of the training process (None or 0: torch's default, one per core). 1 by
     # default: on a CPU shared with other jobs, oversubscribed OpenMP threads made steps ~15x slower here.
     # Raise it (or set None) on a machine of your own or for a larger model.
