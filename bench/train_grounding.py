@@ -1,15 +1,21 @@
-"""Does the reference trainer learn grounding? Train the tiny Kosmos-2-style model on synthetic GrIT shards
-for a bounded wall-clock time on CPU, then compare its phrase-grounding accuracy on held-out synthetic
-shards with the mean-box baselines.
+"""Does the reference trainer learn grounding? The README's training recipe, timed: train the default
+Kosmos-2-style model (`TrainConfig` defaults, as `grit train` uses them) on synthetic GrIT shards on CPU,
+then compare its phrase-grounding accuracy on held-out synthetic shards with the mean-box baselines.
 
-    .venv/bin/python bench/train_grounding.py --minutes 10 --out bench/out/train_grounding.json
+    .venv/bin/python bench/train_grounding.py --out bench/out/train_grounding.json
 
-Prints the figures and, with --out, writes them as JSON (config, steps done, seconds, load average,
-eval figures). Training data (16 x 1,000 rows, seed 0) and held-out data (500 rows, seed 1) are written by
-`grit synth` under --workdir, with one or two shapes per scene by default ("a red circle to the left of a
-blue square"). Training stops at --steps (the length of the LR schedule) or after --minutes, whichever
-comes first; on a shared CPU fewer steps fit, and the JSON says how many ran. Overrides of the training
-config go last as key=value (e.g. `model.dim=128 batch_size=64`).
+is the same run as the README's
+
+    grit synth --out /tmp/synth-train --shards 8 --seed 0
+    grit synth --out /tmp/synth-heldout --shards 1 --seed 1
+    grit train --shards /tmp/synth-train --out /tmp/model --steps 1200
+    grit eval  --shards /tmp/synth-heldout --ckpt /tmp/model
+
+(`grit synth` defaults: 1,000 rows per shard, 1 to 3 shapes per scene, "a red circle to the left of a blue
+square"). Prints the figures and, with --out, writes them as JSON (config, steps done, seconds, load
+average, eval figures). Training stops at --steps (the length of the LR schedule) or after --minutes,
+whichever comes first; on a busy CPU fewer steps may fit, and the JSON says how many ran. Overrides of the
+training config go last as key=value (e.g. `model.dim=128 batch_size=64`).
 """
 
 from __future__ import annotations
@@ -25,24 +31,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grit_pipeline.train.config import load_config  # noqa: E402
+from grit_pipeline.train.config import TrainConfig, load_config  # noqa: E402
 from grit_pipeline.train.evaluate import evaluate  # noqa: E402
 from grit_pipeline.train.synth import SynthConfig, write_synth  # noqa: E402
 from grit_pipeline.train.trainer import train  # noqa: E402
-
-# The benchmark's model and schedule: small enough for a few hundred steps a minute on one CPU thread.
-BENCH_CONFIG = {
-    "model": {"image_size": 64, "patch_size": 8, "stem_channels": 16, "dim": 96, "heads": 4, "layers": 2,
-              "vision_layers": 1, "mlp_ratio": 2, "max_text_tokens": 64},
-    "batch_size": 32,
-    "lr": 3e-3,
-    "warmup_steps": 50,
-    "grounding_fraction": 1.0,
-    "num_workers": 1,
-    "torch_threads": 1,
-    "log_every": 25,
-    "checkpoint_every": 500,
-}
 
 
 def main() -> None:
@@ -50,11 +42,14 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="Where shards and checkpoints go and stay (default: a temp "
                     "dir, deleted at the end). Existing shards there are reused.")
     ap.add_argument("--minutes", type=float, default=10.0, help="Wall-clock training budget.")
-    ap.add_argument("--steps", type=int, default=1200, help="Schedule length (training stops earlier at --minutes).")
-    ap.add_argument("--train-shards", type=int, default=16)
-    ap.add_argument("--rows-per-shard", type=int, default=1000)
-    ap.add_argument("--heldout-rows", type=int, default=500)
-    ap.add_argument("--max-objects", type=int, default=2, help="Shapes per synthetic scene: 1 to this many.")
+    ap.add_argument("--steps", type=int, default=TrainConfig().steps,
+                    help="Schedule length (training stops earlier at --minutes).")
+    ap.add_argument("--train-shards", type=int, default=8, help="Training shards (seed 0).")
+    ap.add_argument("--rows-per-shard", type=int, default=SynthConfig().rows_per_shard)
+    ap.add_argument("--heldout-rows", type=int, default=SynthConfig().rows_per_shard,
+                    help="Rows of the one held-out shard (seed 1).")
+    ap.add_argument("--max-objects", type=int, default=SynthConfig().max_objects,
+                    help="Shapes per synthetic scene: 1 to this many.")
     ap.add_argument("--out", default=None, help="Write the figures here as JSON.")
     ap.add_argument("overrides", nargs="*", help="TrainConfig overrides, key=value.")
     args = ap.parse_args()
@@ -74,8 +69,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         write_synth(str(heldout_dir), SynthConfig(shards=1, rows_per_shard=args.heldout_rows, seed=1,
                                                   max_objects=args.max_objects))
 
-    config = load_config(None, [f"steps={args.steps}", f"time_limit_s={args.minutes * 60}", *args.overrides],
-                         defaults=BENCH_CONFIG)
+    config = load_config(None, [f"steps={args.steps}", f"time_limit_s={args.minutes * 60}", *args.overrides])
     started = time.monotonic()
     summary = train(str(train_dir), str(run_dir), config, resume=False, progress=True)
     train_seconds = time.monotonic() - started

@@ -13,13 +13,23 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
 _API = ("run_pipeline", "plan")  # `stats`, `validate`: grit_pipeline.api (names of submodules here)
 __all__ = ["__version__", *_API]
 
 
+def _installed_version() -> str:
+    """The version of the installed distribution (pyproject.toml's `version`, the one place it is set)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("grit-pipeline")
+    except PackageNotFoundError:  # a source tree on sys.path that was never installed
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        return _installed_version()
     if name in _API:
         from grit_pipeline import api
 

@@ -17,9 +17,12 @@ import importlib.util
 import json
 import logging
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
+
+from schemas.location import LocationEncoder
+from stages.registry import STAGE_ORDER
 
 app = typer.Typer(
     name="grit",
@@ -33,15 +36,37 @@ app = typer.Typer(
 COMMAND_MODULES = ("grit_pipeline.report.commands", "grit_pipeline.train.commands", "grit_pipeline.download",
                    "grit_pipeline.status_cli")
 
+StageName = Literal[STAGE_ORDER]  # a choice of the stage names, in pipeline order
+
+# Options shared by several commands; the trainer's and the report's commands use the same flag names
+# (`--config/-c`, `--out/--output/-o`, `--json`, `--seed`, `--sample/-n`).
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config; stage defaults without one.")]
 InputOpt = Annotated[str | None, typer.Option("--input", "-i", help="Source URI (img2dataset folder, Parquet, ...).")]
-OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Run directory (local path or s3://...).")]
+OutputOpt = Annotated[str, typer.Option("--output", "--out", "-o",
+                                        help="Run directory (local path or s3://...).")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="Config overrides, e.g. select.min_score=0.7.",
                                                           show_default=False)]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N source rows.")]
 ShardsOpt = Annotated[str | None, typer.Option("--shards", help="Source shards to process, e.g. 0-9,12.")]
-FromOpt = Annotated[str | None, typer.Option("--from", help="First stage to run (earlier ones must be cached).")]
-ToOpt = Annotated[str | None, typer.Option("--to", help="Last stage to run.")]
+FromOpt = Annotated[StageName | None, typer.Option("--from", help="First stage to run (earlier ones must be cached).")]
+ToOpt = Annotated[StageName | None, typer.Option("--to", help="Last stage to run.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from grit_pipeline import __version__
+
+        typer.echo(f"grit-pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the grit-pipeline version and exit.")] = False,
+) -> None:
+    pass
 
 
 def _console():
@@ -146,7 +171,7 @@ def plan(
     shards: ShardsOpt = None,
     from_stage: FromOpt = None,
     to_stage: ToOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Dry run: resolved config, stages with resources and fingerprints, cached and pending shards."""
     from grit_pipeline.config import ConfigError, dump_config
@@ -181,7 +206,7 @@ def plan(
 @app.command()
 def stats(
     run_dir: Annotated[str, typer.Argument(help="Run directory.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the merged stats as JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """The merged funnel of a run: rows in/out and rejects by reason per stage."""
     from grit_pipeline.engine import PlanError, summary_from_run
@@ -206,12 +231,18 @@ def stats(
 @app.command()
 def validate(
     path: Annotated[str, typer.Argument(help="Run directory (checks grit/), a folder of shards or one file.")],
-    encoder: Annotated[str | None, typer.Option(help="Location encoder (unilm|hf); default: the run's.")] = None,
+    encoder: Annotated[LocationEncoder | None, typer.Option(
+        "--encoder", help="Location encoder the grounded captions were built with; default: the run's.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check final shards against the GRIT schema and invariants; exit 1 on any problem."""
     from grit_pipeline.validate import validate_run
 
     report = validate_run(path, encoder=encoder)
+    if as_json:  # `ok` is false when no shard was found
+        typer.echo(json.dumps({"files": report.files, "rows": report.rows, "ok": report.ok,
+                               "problems": [str(p) for p in report.problems]}, indent=2))
+        raise typer.Exit(0 if report.ok else 1)
     for p in report.problems[:200]:
         typer.echo(str(p), err=True)
     if not report.files:

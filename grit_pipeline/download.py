@@ -33,14 +33,15 @@ import subprocess
 import sys
 import tarfile
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,6 +73,12 @@ _IMG2DATASET_RUNNER = (
 )
 
 
+# img2dataset's url list formats and resize modes (`img2dataset.reader.Reader`, `img2dataset.resizer.ResizeMode`).
+InputFormat = Literal["parquet", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz", "jsonl", "jsonl.gz", "txt",
+                      "txt.gz"]
+ResizeMode = Literal["keep_ratio", "keep_ratio_largest", "center_crop", "border", "no"]
+
+
 class DownloadError(RuntimeError):
     """img2dataset failed, or the url list / output folder is not usable."""
 
@@ -84,10 +91,10 @@ class DownloadOptions(BaseModel):
     url_col: str | None = None  # None: the first of URL_COLUMN_CANDIDATES present in the list
     caption_col: str | None = None  # None: the first of CAPTION_COLUMN_CANDIDATES present
     keep_columns: list[str] | None = None  # passthrough columns; None: every column img2dataset allows
-    input_format: str = "parquet"
+    input_format: InputFormat = "parquet"
     # Short side 800 px is GroundingDINO's own input size: the detector loses nothing, storage stays modest.
     image_size: int = Field(800, gt=0)
-    resize_mode: str = "keep_ratio"
+    resize_mode: ResizeMode = "keep_ratio"
     resize_only_if_bigger: bool = True
     encode_quality: int = Field(95, ge=1, le=100)
     rows_per_shard: int = Field(10_000, gt=0)
@@ -491,69 +498,84 @@ def retry_failed(output: str, options: DownloadOptions | None = None, *, echo: b
 # --- CLI -----------------------------------------------------------------------------------------------
 
 
-def register(app: Any) -> None:
-    """Add the `download` command to the `grit` typer app."""
-    import typer
+def download_command(
+    paths: Annotated[list[str], typer.Argument(
+        metavar="[URL_LIST] OUTPUT", help="url list (Parquet file or folder) and output folder; with "
+                                          "--retry-failed only the output folder.")],
+    retry: Annotated[bool, typer.Option("--retry-failed", help="Re-fetch only the rows whose status is not "
+                                                               "success, in place.")] = False,
+    url_col: Annotated[str | None, typer.Option("--url-col", help="url column (default: url or URL).")] = None,
+    caption_col: Annotated[str | None, typer.Option(
+        "--caption-col", help="caption column (default: caption, TEXT or text).")] = None,
+    keep: Annotated[str | None, typer.Option("--keep", help="Comma-separated passthrough columns (default: all)."
+                                             )] = None,
+    input_format: Annotated[InputFormat, typer.Option("--input-format", help="url list format.")] = "parquet",
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", min=1, help="Resize target in px (default 800, short side).")] = None,
+    resize_mode: Annotated[ResizeMode | None, typer.Option(
+        "--resize-mode", help="img2dataset resize mode (default keep_ratio).")] = None,
+    rows_per_shard: Annotated[int | None, typer.Option("--rows-per-shard", min=1,
+                                                       help="Rows per shard (default 10000).")] = None,
+    processes: Annotated[int | None, typer.Option("--processes", min=1, help="Download processes (default 1)."
+                                                  )] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1,
+                                                help="Download threads per process (default 64).")] = None,
+    timeout: Annotated[int | None, typer.Option("--timeout", min=1, help="Seconds per request (default 10).")
+                       ] = None,
+    retries: Annotated[int | None, typer.Option("--retries", min=0,
+                                                help="Immediate re-tries per url (default 0).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")
+                       ] = False,
+) -> None:
+    """Download image-caption url lists (LAION, COYO, GRIT-20M) into webdataset shards for `grit run`."""
     from rich.console import Console
     from rich.table import Table
 
-    def download_command(
-        paths: list[str] = typer.Argument(..., metavar="[URL_LIST] OUTPUT",
-                                          help="url list (Parquet file or folder) and output folder; "
-                                               "with --retry-failed only the output folder"),
-        retry: bool = typer.Option(False, "--retry-failed",
-                                   help="re-fetch only the rows whose status is not success, in place"),
-        url_col: str | None = typer.Option(None, help="url column (default: url or URL)"),
-        caption_col: str | None = typer.Option(None, help="caption column (default: caption, TEXT or text)"),
-        keep: str | None = typer.Option(None, help="comma-separated passthrough columns (default: all)"),
-        input_format: str = typer.Option("parquet", help="url list format (img2dataset's input_format)"),
-        image_size: int | None = typer.Option(None, help="resize target in px (default 800, short side)"),
-        resize_mode: str | None = typer.Option(None, help="img2dataset resize mode (default keep_ratio)"),
-        rows_per_shard: int | None = typer.Option(None, help="rows per shard (default 10000)"),
-        processes: int | None = typer.Option(None, help="download processes (default 1)"),
-        threads: int | None = typer.Option(None, help="download threads per process (default 64)"),
-        timeout: int | None = typer.Option(None, help="seconds per request (default 10)"),
-        retries: int | None = typer.Option(None, help="immediate re-tries per url (default 0)"),
-    ) -> None:
-        """Download image-caption url lists (LAION, COYO, GRIT-20M) into webdataset shards for `grit run`."""
-        from grit_pipeline.logs import basic_config  # escapes control characters in log lines
-        basic_config(level=logging.INFO, format="%(levelname)s %(message)s")
-        given = {k: v for k, v in dict(
-            url_col=url_col, caption_col=caption_col, image_size=image_size, resize_mode=resize_mode,
-            rows_per_shard=rows_per_shard, processes=processes, threads=threads, timeout=timeout,
-            retries=retries).items() if v is not None}
-        if keep is not None:
-            given["keep_columns"] = [c.strip() for c in keep.split(",") if c.strip()]
-        try:
-            if retry:
-                if len(paths) != 1:
-                    raise typer.BadParameter("with --retry-failed give only the output folder")
-                output = paths[0]
-                manifest = read_manifest(output)
-                base = manifest["options"] if manifest else {}
-                summary = retry_failed(output, DownloadOptions(**{**base, **given}), echo=True)
-            else:
-                if len(paths) != 2:
-                    raise typer.BadParameter("give URL_LIST and OUTPUT")
-                summary = download(paths[0], paths[1], DownloadOptions(input_format=input_format, **given),
-                                   echo=True)
-        except DownloadError as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
-            raise typer.Exit(1) from e
+    from grit_pipeline.logs import basic_config  # escapes control characters in log lines
 
-        console = Console()
-        table = Table(title=f"{summary.output}: {len(summary.shards)} shard(s)")
-        table.add_column("status")
-        table.add_column("rows", justify="right")
-        table.add_row(SUCCESS, str(summary.successes))
-        for status, n in summary.failures.items():
-            table.add_row(status, str(n))
-        console.print(table)
-        for err, n in list(summary.errors.items())[:5]:
-            console.print(f"  {n:>6}  {err[:100]}")
+    basic_config(level=logging.INFO, format="%(levelname)s %(message)s")
+    given = {k: v for k, v in dict(
+        url_col=url_col, caption_col=caption_col, image_size=image_size, resize_mode=resize_mode,
+        rows_per_shard=rows_per_shard, processes=processes, threads=threads, timeout=timeout,
+        retries=retries).items() if v is not None}
+    if keep is not None:
+        given["keep_columns"] = [c.strip() for c in keep.split(",") if c.strip()]
+    try:
         if retry:
-            console.print(f"retried {summary.retried} row(s), {summary.recovered} now downloaded")
-        if summary.failed:
-            console.print(f"run `grit download --retry-failed {summary.output}` to re-fetch the failed rows")
+            if len(paths) != 1:
+                raise typer.BadParameter("with --retry-failed give only the output folder")
+            output = paths[0]
+            manifest = read_manifest(output)
+            base = manifest["options"] if manifest else {}
+            summary = retry_failed(output, DownloadOptions(**{**base, **given}), echo=True)
+        else:
+            if len(paths) != 2:
+                raise typer.BadParameter("give URL_LIST and OUTPUT")
+            summary = download(paths[0], paths[1], DownloadOptions(input_format=input_format, **given),
+                               echo=True)
+    except DownloadError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1) from e
 
+    if as_json:
+        typer.echo(json.dumps({**asdict(summary), "failed": summary.failed}, indent=1))
+        return
+    console = Console()
+    table = Table(title=f"{summary.output}: {len(summary.shards)} shard(s)")
+    table.add_column("status")
+    table.add_column("rows", justify="right")
+    table.add_row(SUCCESS, str(summary.successes))
+    for status, n in summary.failures.items():
+        table.add_row(status, str(n))
+    console.print(table)
+    for err, n in list(summary.errors.items())[:5]:
+        console.print(f"  {n:>6}  {err[:100]}")
+    if retry:
+        console.print(f"retried {summary.retried} row(s), {summary.recovered} now downloaded")
+    if summary.failed:
+        console.print(f"run `grit download --retry-failed {summary.output}` to re-fetch the failed rows")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `download` command to the `grit` typer app."""
     app.command("download")(download_command)

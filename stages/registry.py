@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from stages.base import Stage
+if TYPE_CHECKING:  # stages.base imports pyarrow; the CLI reads STAGE_ORDER at start-up
+    from stages.base import Stage
 
 STAGE_ORDER: tuple[str, ...] = ("ingest", "chunks", "detect", "select", "compose")
 

@@ -1,4 +1,5 @@
-"""The `grit` command line: fast start, `plan`, `stats`, `validate`, and errors that name what is wrong."""
+"""The `grit` command line: fast start, `plan`, `stats`, `validate`, one option style across the commands
+(help on every option, fixed value sets as choices), and errors that name what is wrong."""
 
 from __future__ import annotations
 
@@ -6,15 +7,35 @@ import json
 import shutil
 import subprocess
 import sys
+import types
+import typing
+from importlib.metadata import version
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from grit_pipeline.cli import app
+from grit_pipeline.train.choices import DEVICES
+from schemas.location import LOCATION_ENCODERS
+from stages.registry import STAGE_ORDER
 
 runner = CliRunner()
+WIDE = {"COLUMNS": "250"}  # help tables unwrapped, so a choice list reads as one string
+
+
+def commands() -> dict:
+    return typer.main.get_command(app).commands
+
+
+def choices_of(param) -> tuple[str, ...]:
+    """The values of a Literal-typed option (Optional or not); () for any other type."""
+    annotation = param.type_descriptor.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
 
 
 def test_help_lists_the_engine_commands():
@@ -25,10 +46,88 @@ def test_help_lists_the_engine_commands():
 
 
 def test_cli_start_imports_no_heavy_library():
-    code = ("import sys, grit_pipeline.cli; "
+    # import, then build every command's help (what `grit train --help` does)
+    code = ("import sys, grit_pipeline.cli as cli; from typer.testing import CliRunner; "
+            "[CliRunner().invoke(cli.app, [c, '--help']) for c in ('run', 'train', 'eval', 'inspect', 'download')]; "
             "print(','.join(m for m in ('torch', 'spacy', 'ray', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
+
+
+def test_version_prints_the_installed_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"grit-pipeline {version('grit-pipeline')}"
+
+
+def test_every_option_and_argument_has_help():
+    missing = [f"{name} {param.name}" for name, command in commands().items() for param in command.params
+               if not (param.help or "").strip()]
+    assert missing == []
+
+
+# Options whose values are a fixed set: each must be a choice (checked by the parser, listed by --help).
+EXPECTED_CHOICES = {
+    ("run", "from_stage"): STAGE_ORDER, ("run", "to_stage"): STAGE_ORDER,
+    ("plan", "from_stage"): STAGE_ORDER, ("plan", "to_stage"): STAGE_ORDER,
+    ("inspect", "stage"): STAGE_ORDER,
+    ("validate", "encoder"): LOCATION_ENCODERS,
+    ("export", "fmt"): ("imagefolder", "parquet"),
+    ("download", "input_format"): ("parquet", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz", "jsonl",
+                                   "jsonl.gz", "txt", "txt.gz"),
+    ("download", "resize_mode"): ("keep_ratio", "keep_ratio_largest", "center_crop", "border", "no"),
+}
+
+
+def test_help_of_every_command_lists_its_choices():
+    found = {}
+    for name, command in commands().items():
+        help_text = runner.invoke(app, [name, "--help"], env=WIDE).output
+        for param in command.params:
+            values = choices_of(param)
+            if values:
+                found[(name, param.name)] = values
+                assert "|".join(values) in help_text, f"grit {name} --help does not list {values}"
+    assert {k: found.get(k) for k in EXPECTED_CHOICES} == EXPECTED_CHOICES
+    for name in ("train", "eval"):  # devices: a pattern (cuda:N), shown as its forms
+        assert "|".join(DEVICES) in runner.invoke(app, [name, "--help"], env=WIDE).output
+
+
+@pytest.mark.parametrize(("args", "bad", "listed"), [
+    (["validate", "somewhere", "--encoder", "floor"], "floor", "unilm"),
+    (["inspect", "somewhere", "--stage", "detekt"], "detekt", "compose"),
+    (["plan", "--output", "somewhere", "--to", "composer"], "composer", "select"),
+    (["export", "--shards", "a", "--out", "b", "--format", "zip"], "zip", "imagefolder"),
+    (["download", "a", "b", "--resize-mode", "squash"], "squash", "keep_ratio"),
+    (["train", "--shards", "a", "--out", "b", "--device", "gpu"], "gpu", "cuda:N"),
+    (["eval", "--shards", "a", "--ckpt", "b", "--device", "cuda:x"], "cuda:x", "cuda:N"),
+])
+def test_a_bad_choice_exits_2_naming_value_and_choices(args, bad, listed, tmp_path):
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 2
+    assert repr(bad) in result.output and listed in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_train_device_from_a_config_file_is_checked_too(tmp_path):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("device: gpu\n")
+    result = runner.invoke(app, ["train", "--shards", str(tmp_path), "--out", str(tmp_path / "o"), "-c", str(cfg)])
+    assert result.exit_code == 2 and "device" in result.output and "'gpu'" in result.output
+
+
+def test_flag_names_are_the_same_across_commands():
+    def flags(name: str) -> set[str]:
+        return {opt for param in commands()[name].params for opt in param.opts + param.secondary_opts}
+
+    for name in ("run", "plan", "train", "eval", "synth", "export"):
+        assert {"--out", "--output", "-o"} <= flags(name), name
+    for name in ("plan", "stats", "validate", "train", "eval", "export", "download"):
+        assert "--json" in flags(name), name
+    for name in ("run", "plan", "train"):
+        assert {"--config", "-c"} <= flags(name), name
+    for name in ("report", "inspect", "synth", "train"):
+        assert "--seed" in flags(name), name
 
 
 def test_config_errors_exit_2_naming_the_key(synthetic_input, tmp_path):

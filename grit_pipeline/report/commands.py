@@ -6,11 +6,15 @@ the commands, so registering them costs `grit --help` nothing.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 from rich.text import Text
+
+from stages.registry import STAGE_ORDER
+
+StageName = Literal[STAGE_ORDER]
 
 
 def _fail(console: Console, message: str) -> None:
@@ -19,13 +23,16 @@ def _fail(console: Console, message: str) -> None:
 
 
 def report_command(
-    run: str = typer.Argument(..., help="Run directory (local path or s3://...), the --output of `grit run`."),
-    sample: int = typer.Option(12, "--sample", "-n", min=0, help="Rows shown in the gallery."),
-    seed: int = typer.Option(0, help="Seed of the gallery sample (same seed, same rows)."),
-    examples: int = typer.Option(5, help="Reject examples shown per stage and reason."),
-    max_shards: Optional[int] = typer.Option(None, min=1, help="Compute plots over at most this many shards "
-                                             "(evenly spread); default: all."),
-    max_candidates: int = typer.Option(40, min=0, help="Candidate boxes drawn per gallery image (best first)."),
+    run: Annotated[str, typer.Argument(help="Run directory (local path or s3://...), the --output of `grit run`.")],
+    sample: Annotated[int, typer.Option("--sample", "-n", min=0, help="Rows shown in the gallery.")] = 12,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the gallery sample (same seed, same rows).")] = 0,
+    examples: Annotated[int, typer.Option("--examples", min=0,
+                                          help="Reject examples shown per stage and reason.")] = 5,
+    max_shards: Annotated[int | None, typer.Option(
+        "--max-shards", min=1, help="Compute plots over at most this many shards (evenly spread); default: all.")
+    ] = None,
+    max_candidates: Annotated[int, typer.Option("--max-candidates", min=0,
+                                                help="Candidate boxes drawn per gallery image (best first).")] = 40,
 ) -> None:
     """Write RUN/report/index.html (self-contained: funnel, plots, gallery, rejects) and RUN/report/summary.json."""
     from grit_pipeline.report.build import ReportOptions, build_report
@@ -73,17 +80,21 @@ def _write_png(console: Console, trace, stage: str, out: str, labels: bool) -> N
 
 
 def inspect_command(
-    run: str = typer.Argument(..., help="Run directory (local path or s3://...)."),
-    stage: str = typer.Option(..., "--stage", "-s", help="Stage to show: ingest, chunks, detect, select, compose."),
-    key: Optional[list[str]] = typer.Option(None, "--key", "-k", help="Row key to show (repeatable)."),
-    sample: int = typer.Option(5, "--sample", "-n", min=1, help="Rows to show when no --key is given."),
-    seed: int = typer.Option(0, help="Seed of the sample."),
-    shard: Optional[int] = typer.Option(None, help="Look only in this source shard."),
-    show_rejects: bool = typer.Option(False, "--rejects", help="Show the stage's rejected rows instead."),
-    reason: Optional[str] = typer.Option(None, help="With --rejects: only this reason (e.g. no_box)."),
-    png: Optional[str] = typer.Option(None, "--png", help="Draw the first shown row's boxes on its image here."),
-    labels: bool = typer.Option(True, "--labels/--no-labels", help="Label boxes in the --png."),
-    max_candidates: int = typer.Option(20, help="Detector candidates listed per row."),
+    run: Annotated[str, typer.Argument(help="Run directory (local path or s3://...).")],
+    stage: Annotated[StageName, typer.Option("--stage", "-s", help="Stage whose rows to show.")],
+    key: Annotated[list[str] | None, typer.Option("--key", "-k", help="Row key to show (repeatable).")] = None,
+    sample: Annotated[int, typer.Option("--sample", "-n", min=1, help="Rows to show when no --key is given.")] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample (same seed, same rows).")] = 0,
+    shard: Annotated[int | None, typer.Option("--shard", min=0, help="Look only in this source shard.")] = None,
+    show_rejects: Annotated[bool, typer.Option("--rejects", help="Show the stage's rejected rows instead.")] = False,
+    reason: Annotated[str | None, typer.Option(
+        "--reason", help="With --rejects: only this reject reason (e.g. no_box; `grit stats RUN` lists them).")
+    ] = None,
+    png: Annotated[str | None, typer.Option("--png", help="Draw the first shown row's boxes on its image here.")
+                   ] = None,
+    labels: Annotated[bool, typer.Option("--labels/--no-labels", help="Label boxes in the --png.")] = True,
+    max_candidates: Annotated[int, typer.Option("--max-candidates", min=0,
+                                                help="Detector candidates listed per row.")] = 20,
 ) -> None:
     """Print rows of one stage (rich tables), or its rejects; --png draws a row's boxes on its image."""
     from grit_pipeline.report.inspect_render import print_rows, render_rejects

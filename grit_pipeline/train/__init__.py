@@ -7,5 +7,6 @@ and evaluates phrase grounding. It proves the shards are consumable and is a sta
 
 Modules: `vocab` (tags and location tokens), `tokenizer`, `images` (finding a row's pixels), `dataset`
 (streaming, sharded, shuffled), `model`, `config`, `checkpoint`, `trainer`, `evaluate`, `synth`
-(procedural GrIT shards), `export` (Hugging Face Kosmos-2 fine-tuning rows), `commands` (CLI).
+(procedural GrIT shards), `export` (Hugging Face Kosmos-2 fine-tuning rows), `choices` (the fixed value
+sets the settings and the CLI share), `commands` (CLI).
 """

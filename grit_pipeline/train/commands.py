@@ -5,17 +5,40 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Optional
+from typing import Annotated
 
-import fsspec
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from grit_pipeline.train.choices import DEVICES, ExportFormat, check_device
+
 console = Console()
 
 
-def _print(result: dict, title: str) -> None:
+def _device(value: str) -> str:
+    try:
+        return check_device(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+# Flags shared by the trainer's commands (and named as the pipeline's commands name theirs).
+OutOpt = Annotated[str, typer.Option("--out", "--output", "-o", help="Output folder (fsspec URL).")]
+ShardsOpt = Annotated[str, typer.Option("--shards", help="GrIT shards: a run dir, a folder of shards, a file or a "
+                                                         "glob (fsspec).")]
+MaxRowsOpt = Annotated[int | None, typer.Option("--max-rows", min=1, help="Only the first N rows.")]
+DEVICE = typer.Option("--device", parser=_device, metavar="|".join(DEVICES),
+                      help="auto: the GPU when CUDA is available, else the CPU.")
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads; 0: torch's default (one "
+                                                                  "per core). 1 suits the default model.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]
+
+
+def _print(result: dict, title: str, as_json: bool = False) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
     table = Table(title=title, show_header=False)
     for k, v in result.items():
         if isinstance(v, float):
@@ -26,27 +49,39 @@ def _print(result: dict, title: str) -> None:
     console.print(table)
 
 
-def _write_json(path: Optional[str], data: dict) -> None:
+def _write_json(path: str | None, data: dict) -> None:
     if path:
+        import fsspec
+
         with fsspec.open(path, "w") as f:
             json.dump(data, f, indent=1)
 
 
 def train_command(
-    shards: str = typer.Option(..., help="GrIT shards: a run dir, a folder of shards, a file or a glob (fsspec)."),
-    out: str = typer.Option(..., help="Output folder for checkpoints and metrics.jsonl; resumes from it."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML TrainConfig."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps in total."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per step per rank."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    seed: Optional[int] = typer.Option(None),
-    grounding_fraction: Optional[float] = typer.Option(None, help="Rows trained on grounded captions."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers per rank."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 on a shared machine)."),
-    time_limit: Optional[float] = typer.Option(None, help="Stop and checkpoint after this many seconds."),
-    no_resume: bool = typer.Option(False, "--no-resume", help="Start from scratch even if OUT has a checkpoint."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. model.dim=256"),
+    shards: ShardsOpt,
+    out: Annotated[str, typer.Option("--out", "--output", "-o",
+                                     help="Output folder for checkpoints and metrics.jsonl; resumes from it.")],
+    config: Annotated[str | None, typer.Option("--config", "-c", help="YAML TrainConfig.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps in total (default 1200).")
+                     ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Samples per step per rank.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the model init and the data order.")] = None,
+    grounding_fraction: Annotated[float | None, typer.Option(
+        "--grounding-fraction", min=0.0, max=1.0,
+        help="Fraction of rows trained on their grounded caption (default 1.0; the rest on the plain caption).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="DataLoader workers per rank.")] = None,
+    device: Annotated[str | None, DEVICE] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=0, help="torch CPU threads (default 1); 0: torch's default, one per core.")] = None,
+    time_limit: Annotated[float | None, typer.Option(
+        "--time-limit", min=0.0, help="Stop and checkpoint after this many seconds.")] = None,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Start from scratch even if OUT has a checkpoint.")
+                         ] = False,
+    as_json: JsonOpt = False,
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="TrainConfig overrides as key=value, e.g. model.dim=256 tokenizer=byte.", show_default=False)] = None,
 ) -> None:
     """Train the tiny Kosmos-2-style grounded LM on GrIT shards. Several GPUs or processes:
     `torchrun --nproc_per_node N .venv/bin/grit train ...` (DDP; NCCL on GPUs, gloo on CPUs)."""
@@ -66,33 +101,39 @@ def train_command(
     result = train(shards, out, cfg, resume=not no_resume)
     losses = result.pop("losses")
     result["first_loss"] = losses[0] if losses else None
-    _print(result, "train")
+    _print(result, "train", as_json)
 
 
 def eval_command(
-    shards: str = typer.Option(..., help="Held-out GrIT shards."),
-    ckpt: str = typer.Option(..., help="Training output folder (uses its latest checkpoint) or a step folder."),
-    batch_size: int = typer.Option(64),
-    max_rows: Optional[int] = typer.Option(None, help="Evaluate only the first N rows."),
-    device: str = typer.Option("auto"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 on a shared machine)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Also write the figures as JSON here."),
+    shards: Annotated[str, typer.Option("--shards", help="Held-out GrIT shards (as for `grit train --shards`).")],
+    ckpt: Annotated[str, typer.Option("--ckpt", help="Training output folder (uses its latest checkpoint) or a "
+                                                     "step folder.")],
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 64,
+    max_rows: MaxRowsOpt = None,
+    device: Annotated[str, DEVICE] = "auto",
+    threads: ThreadsOpt = 1,
+    out: Annotated[str | None, typer.Option("--out", "--output", "-o", help="Also write the figures as JSON here.")
+                   ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Phrase-grounding accuracy (IoU > 0.5), location-token cross-entropy and mean-box baselines."""
     from grit_pipeline.train.evaluate import evaluate
 
     result = evaluate(ckpt, shards, batch_size=batch_size, max_rows=max_rows, device=device, torch_threads=threads)
     _write_json(out, result)
-    _print(result, "eval")
+    _print(result, "eval", as_json)
 
 
 def synth_command(
-    out: str = typer.Option(..., help="Folder for the shards and their images (fsspec)."),
-    shards: int = typer.Option(4, help="Number of shards."),
-    rows: int = typer.Option(1000, help="Rows per shard."),
-    seed: int = typer.Option(0, help="Scenes are a function of (seed, shard); use another seed for held-out data."),
-    max_objects: int = typer.Option(3, min=1, max=3, help="Shapes per scene: 1 to this many."),
-    embed_images: bool = typer.Option(False, help="Also store the PNG bytes in an `image_bytes` column."),
+    out: Annotated[str, typer.Option("--out", "--output", "-o", help="Folder for the shards and their images (fsspec).")],
+    shards: Annotated[int, typer.Option("--shards", min=1, help="Number of shards.")] = 4,
+    rows: Annotated[int, typer.Option("--rows", min=1, help="Rows per shard.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Scenes are a function of (seed, shard); use another seed "
+                                                     "for held-out data.")] = 0,
+    max_objects: Annotated[int, typer.Option("--max-objects", min=1, max=3, help="Shapes per scene: 1 to this many.")
+                           ] = 3,
+    embed_images: Annotated[bool, typer.Option("--embed-images", help="Also store the PNG bytes in an `image_bytes` "
+                                                                      "column.")] = False,
 ) -> None:
     """Write synthetic GrIT shards of coloured shapes with exact boxes."""
     from grit_pipeline.train.synth import SynthConfig, write_synth
@@ -103,18 +144,21 @@ def synth_command(
 
 
 def export_command(
-    shards: str = typer.Option(..., help="GrIT shards to export."),
-    out: str = typer.Option(..., help="Output folder."),
-    fmt: str = typer.Option("imagefolder", "--format", help="imagefolder (images + metadata.jsonl) or parquet."),
-    max_rows: Optional[int] = typer.Option(None),
+    shards: Annotated[str, typer.Option("--shards", help="GrIT shards to export (as for `grit train --shards`).")],
+    out: OutOpt,
+    fmt: Annotated[ExportFormat, typer.Option(
+        "--format", help="imagefolder: images + metadata.jsonl; parquet: key, image bytes, text.")] = "imagefolder",
+    max_rows: MaxRowsOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Export (image, text) rows for Hugging Face Kosmos-2 fine-tuning."""
     from grit_pipeline.train.export import export_kosmos2
 
-    _print(export_kosmos2(shards, out, fmt=fmt, max_rows=max_rows), "export")
+    _print(export_kosmos2(shards, out, fmt=fmt, max_rows=max_rows), "export", as_json)
 
 
 def register(app: typer.Typer) -> None:
+    """Add `train`, `eval`, `synth` and `export` to the `grit` CLI."""
     app.command("train")(train_command)
     app.command("eval")(eval_command)
     app.command("synth")(synth_command)

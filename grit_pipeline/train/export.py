@@ -18,12 +18,14 @@ import hashlib
 import io
 import json
 import re
+from typing import get_args
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from grit_pipeline.train.choices import ExportFormat
 from grit_pipeline.train.dataset import iter_rows, list_shards
 from grit_pipeline.train.images import ImageUnavailable, read_image_bytes
 
@@ -47,10 +49,11 @@ def _file_name(key: str, data: bytes) -> str:
     return f"images/{stem}.{ext}"
 
 
-def export_kosmos2(shards: str | list[str], out: str, fmt: str = "imagefolder", max_rows: int | None = None) -> dict:
+def export_kosmos2(shards: str | list[str], out: str, fmt: ExportFormat = "imagefolder",
+                   max_rows: int | None = None) -> dict:
     """Write the export; returns {"rows", "missing_images", "missing_keys" (first 10), "files"}."""
-    if fmt not in ("imagefolder", "parquet"):
-        raise ValueError("format must be 'imagefolder' or 'parquet'")
+    if fmt not in get_args(ExportFormat):
+        raise ValueError(f"format must be one of {', '.join(get_args(ExportFormat))}, not {fmt!r}")
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(f"{root}/images" if fmt == "imagefolder" else root, exist_ok=True)
     written, missing, missing_keys, files = 0, 0, [], []

@@ -35,7 +35,7 @@ class ModelConfig(BaseModel):
     heads: int = 4
     mlp_ratio: int = 2
     dropout: float = 0.0
-    max_text_tokens: int = 96
+    max_text_tokens: int = 64
     # Location-token embeddings start as 2-D sin-cos codes of their cell, so neighbouring cells start
     # similar (the output layer is tied, so their logits move together); "random" is the plain init.
     location_init: str = "sincos2d"
