@@ -250,7 +250,8 @@ def dataset_card(*, summary: Mapping[str, Any], config: Mapping[str, Any], finge
     run-specific but the inputs (no timings, no dates)."""
     stages = summary.get("stages", {})
     funnel = summary.get("funnel", [])
-    rows = int(stages["compose"]["rows_out"]) if "compose" in stages else int(funnel[-1]["rows_out"] if funnel else 0)
+    final = next((stages[s] for s in ("publish", "compose") if s in stages), None)  # publish: after duplicate keys
+    rows = int(final["rows_out"]) if final else int(funnel[-1]["rows_out"] if funnel else 0)
     stage_names = [s for s in fingerprints if s in config]
     lines = [_header(rows=rows, config=config, schema=schema, shard_files=shard_files)]
 

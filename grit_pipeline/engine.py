@@ -14,8 +14,8 @@ order. At the end it removes final shards no longer backed by a compose output, 
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,12 +81,47 @@ def check_writable(rundir) -> None:
                           rundir.url(name))
 
 
+def semantic_config(plan: RunPlan) -> dict[str, Any]:
+    """Every stage's semantic config as JSON values, file inputs by their normalized location (so the
+    same file spelled two ways gives the same final shard bytes); no execution settings."""
+    from grit_pipeline.fingerprint import file_input_fields, is_url, normalize_uri
+
+    out = {}
+    for s in plan.stages:
+        data = s.config.model_dump(mode="json")
+        for name in file_input_fields(type(s.config)):
+            value = data.get(name)
+            if value and (is_url(value) or os.path.exists(os.path.expanduser(value))):
+                data[name] = normalize_uri(value)
+        out[s.name] = data
+    return out
+
+
 def final_metadata(plan: RunPlan) -> dict[bytes, bytes]:
-    """Parquet key-value metadata of every final shard: pipeline version, stages, semantic config."""
-    doc = {"pipeline_version": __version__,
-           "stages": [{"name": s.name, "version": s.cls.version, "fingerprint": s.fingerprint} for s in plan.stages],
-           "config": {s.name: s.config.model_dump(mode="json") for s in plan.stages}}
-    return {b"grit_pipeline": json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()}
+    """Parquet key-value metadata of every final shard (`grit_pipeline.card`): pipeline version, each
+    stage's name, version and fingerprint, and the semantic config."""
+    from grit_pipeline.card import shard_metadata
+
+    stages = [{"name": s.name, "version": s.cls.version, "fingerprint": s.fingerprint} for s in plan.stages]
+    return shard_metadata(__version__, stages, semantic_config(plan))
+
+
+def write_card(plan: RunPlan, summary: dict[str, Any], command: str) -> str:
+    """`<run>/grit/README.md`, the Hub dataset card of the final shards; returns its path."""
+    import pyarrow.parquet as pq
+
+    from grit_pipeline.card import dataset_card
+    from grit_pipeline.rundir import FINAL
+    from schemas.tables import GRIT_SCHEMA
+
+    rundir = plan.rundir
+    shards = rundir.final_shards()
+    schema = (pq.read_schema(rundir.final_path(shards[0]), filesystem=rundir.fs) if shards else GRIT_SCHEMA)
+    text = dataset_card(summary=summary, config=semantic_config(plan), fingerprints=plan.fingerprints,
+                        schema=schema.remove_metadata(), command=command,
+                        shard_files=[os.path.basename(rundir.final_path(s)) for s in shards],
+                        pipeline_version=__version__)
+    return rundir.write_text(f"{FINAL}/README.md", text)
 
 
 def execute(plan: RunPlan, *, progress: bool | None = None, command: str | None = None) -> RunResult:
@@ -109,14 +144,15 @@ def execute(plan: RunPlan, *, progress: bool | None = None, command: str | None 
     logging.getLogger().addHandler(handler)
     try:
         log.info("grit run %s -> %s (%d shards), lease held", plan.input_uri, plan.rundir.uri, len(plan.shards))
-        return _execute(plan, progress, lease, FailureLog(plan.rundir, started_at))
+        return _execute(plan, progress, lease, FailureLog(plan.rundir, started_at),
+                        command or shlex.join(sys.argv))
     finally:
         lease.release()
         logging.getLogger().removeHandler(handler)
         handler.close()
 
 
-def _execute(plan: RunPlan, progress: bool | None, lease: Any, failure_log: Any) -> RunResult:
+def _execute(plan: RunPlan, progress: bool | None, lease: Any, failure_log: Any, command: str) -> RunResult:
     from grit_pipeline.publish import PUBLISH, remove_stale
     from grit_pipeline.ray_runtime import cluster_resources, ensure_ray, fit_cluster, shutdown_ray
     from grit_pipeline.scheduler import Scheduler
@@ -168,6 +204,8 @@ def _execute(plan: RunPlan, progress: bool | None, lease: Any, failure_log: Any)
             shutdown_ray()
     final = sorted(rundir.final_shards())
     summary = write_summary(rundir, [s.name for s in plan.stages], plan.fingerprints)
+    if last.selected:
+        write_card(plan, summary, command)
     rundir.clean_tmp()
     outcomes = []
     for s in plan.stages:

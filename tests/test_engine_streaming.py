@@ -4,7 +4,6 @@ later shards are still in detect, and the final dataset holds each key once what
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -93,12 +92,26 @@ def test_a_key_in_two_shards_is_kept_once_in_the_lowest_shard(ray_local, tmp_pat
     assert not report.ok and any("duplicate key" in p.message for p in report.problems)
 
 
-def test_the_final_shard_metadata_names_the_pipeline_and_its_stages(pipeline_run):
+def test_a_finished_run_is_ready_to_publish(pipeline_run):
+    """Every final shard's metadata names the pipeline, its stages and the semantic config; the run writes
+    a Hub dataset card next to the shards."""
+    from huggingface_hub import DatasetCard
+
+    from grit_pipeline.card import read_shard_metadata
+
     result, run = pipeline_run
-    meta = json.loads(pq.read_schema(run / "grit" / "shard-00000.parquet").metadata[b"grit_pipeline"])
+    meta = read_shard_metadata(str(run / "grit" / "shard-00000.parquet"))
     assert [s["name"] for s in meta["stages"]] == ["ingest", "chunks", "detect", "select", "compose"]
     fps = {s["name"]: s["fingerprint"] for s in meta["stages"]}
     assert fps == {o.name: o.fingerprint for o in result.stages}
     assert meta["config"]["select"]["min_score"] == 0.65 and "run" not in meta["config"]
     table = pq.read_table(run / "grit" / "shard-00000.parquet")
     assert pc.count_distinct(table["key"]).as_py() == table.num_rows
+    card = DatasetCard.load(run / "grit" / "README.md")
+    assert "\nlicense:\n" in (run / "grit" / "README.md").read_text()  # left for the user to fill
+    data = card.data.to_dict()
+    final_rows = result.summary["stages"]["publish"]["rows_out"]
+    assert f"{final_rows:,} rows" in card.text and data["configs"][0]["data_files"]
+    features = {f["name"] for f in data["dataset_info"]["features"]}
+    assert {"key", "caption", "noun_chunks", "ref_exps", "grounded_caption"} <= features
+    assert result.stage("select").fingerprint in card.text
