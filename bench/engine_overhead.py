@@ -70,7 +70,7 @@ def main() -> None:
         from grit_pipeline.api import run_pipeline
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         init_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         result = run_pipeline(None, input=str(inp.root), output=str(work / "run"),

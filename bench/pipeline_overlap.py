@@ -158,7 +158,7 @@ def main() -> None:
         classes = {**default_stage_classes(), "detect": SlowDetect}
         plan = build_plan(config, input_uri=str(inp.root), output_uri=str(work / "run"), stage_classes=classes)
 
-        ray.init(num_cpus=args.num_cpus, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.num_cpus, num_gpus=1, include_dashboard=False, log_to_driver=False)
         sampler = Sampler(os.getpid(), every=0.25)
         watcher = FirstFinal(work / "run" / "grit")
         sampler.start()

@@ -44,7 +44,7 @@ def main() -> None:
         inp = write_img2dataset(work / "input", shards=args.shards, rows_per_shard=args.rows // args.shards)
         overrides = [*replay_overrides(inp.detections), "run.progress=false"]
         t0 = time.perf_counter()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         init_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()

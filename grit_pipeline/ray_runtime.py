@@ -58,8 +58,9 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, num_gpus: int |
     if address:
         runtime_env = {"env_vars": forwarded_env(forward_env)} if forward_env else None
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+    else:  # "local": a new instance even when `ray start` left a cluster registered on this host
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 log_to_driver=True)
     return True
 
 

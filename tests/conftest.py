@@ -51,7 +51,7 @@ def ray_local(tmp_path_factory):
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"worker_process_setup_hook": "testfs.register", "env_vars": {"PYTHONPATH": path}})
         started = True
     yield ray

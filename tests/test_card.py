@@ -174,7 +174,8 @@ def test_card_body_has_funnel_thresholds_detector_and_command():
     body = DatasetCard(text).text
     assert "| ingest | 2 | 60 | 55 | 91.7% | download\\_failed 4, empty\\_caption 1 |" in body
     assert "| select | 2 | 50 | 41 | 68.3% | no\\_box 9 |" in body
-    assert "| min\\_score | 0.7 |" in body and "| nms\\_iou | 0.5 |" in body
+    nms_iou = load_config(None).select.nms_iou  # the default, not written in the config
+    assert "| min\\_score | 0.7 |" in body and f"| nms\\_iou | {nms_iou} |" in body
     assert "| location\\_encoder | unilm |" in body
     assert "Backend `hf`" in body and "| hf\\_model | /models/grounding-dino-base |" in body
     assert "grit run -c configs/default.yaml --input /data/laion --output runs/a select.min_score=0.7" in body
