@@ -305,8 +305,10 @@ def process_part(spec: StageSpec, stage: Stage, shard: int, part: pa.Table) -> P
     t0 = time.perf_counter()
     prepare_seconds = float((part.schema.metadata or {}).get(PREPARE_SECONDS, b"0"))
     rejected = pc.is_valid(part[REASON])
-    pre = part.filter(rejected)
-    todo = part.filter(pc.invert(rejected))
+    if part[REASON].null_count == part.num_rows:  # nothing rejected: no copy of the (large) prepared part
+        pre, todo = part.slice(0, 0), part
+    else:
+        pre, todo = part.filter(rejected), part.filter(pc.invert(rejected))
     rej_parts = []
     if pre.num_rows:
         rej_parts.append(with_rows(conform_rejects(spec.name, pa.table({

@@ -57,7 +57,7 @@ class PreparedExecution(ActorExecution):
     runs in tasks ahead of the actors."""
 
     queued_batches: int = Field(
-        2, ge=1, description="Prepared batches waiting per actor: enough that the actors never wait on the "
+        8, ge=1, description="Prepared batches waiting per actor: enough that the actors never wait on the "
         "prepare step, few enough that prepared data (decoded pixels) stays bounded in memory.")
 
 
