@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -109,16 +108,10 @@ def busy_seconds(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-class FirstFinal(threading.Thread):
-    def __init__(self, folder: Path):
-        super().__init__(daemon=True)
-        self.folder, self.at, self.stop = folder, None, threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set() and self.at is None:
-            if self.folder.is_dir() and any(self.folder.glob("shard-*.parquet")):
-                self.at = time.time()
-            self.stop.wait(0.05)
+def first_final_at(folder: Path) -> float | None:
+    """When the first final shard was written (the earliest modification time in `grit/`)."""
+    times = [p.stat().st_mtime for p in folder.glob("shard-*.parquet")]
+    return min(times) if times else None
 
 
 def spilled_mib() -> float:
@@ -163,20 +156,18 @@ def main() -> None:
 
         ray.init(address="local", num_cpus=args.num_cpus, num_gpus=1, include_dashboard=False, log_to_driver=False)
         sampler = Sampler(os.getpid(), every=0.25)
-        watcher = FirstFinal(work / "run" / "grit")
         sampler.start()
-        watcher.start()
         t0 = time.time()
         result = execute(plan, progress=False)
         wall = time.time() - t0
         sampler.stop.set()
-        watcher.stop.set()
+        first_at = first_final_at(work / "run" / "grit")
         spilled = spilled_mib()
         ray.shutdown()
         assert result.ok, result.failures
         calls = detector_calls(work / "detect-calls.log")
         busy = busy_seconds(calls)
-        first = (watcher.at - t0) if watcher.at else None
+        first = (first_at - t0) if first_at else None
 
     figures = {
         "shards": args.shards, "images": args.shards * args.rows, "per_image_s": args.per_image,
