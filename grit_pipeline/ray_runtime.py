@@ -38,6 +38,7 @@ from grit_pipeline.shard_work import (
 
 log = logging.getLogger(__name__)
 
+MIN_ACTOR_CPUS = 0.25  # on a small machine actors share CPUs down to this much each before the pool shrinks
 TASK_RETRIES = 3  # a task whose worker process died is run again this many times
 ACTOR_RESTARTS = 3  # a dead actor is restarted (model reloaded) and its calls retried this many times
 
@@ -100,8 +101,9 @@ def fit_cluster(resources: Mapping[str, Any], cluster: Mapping[str, float], warn
     `resources` maps stage name -> `stages.base.Resources`. Actor pools hold their CPUs for the whole run,
     while tasks (ingest, prepare, select, compose, loading and writing) need CPUs of their own; if the
     pools took everything the run would stall. So the pools share at most half the CPUs (all but a quarter
-    on a big cluster) and get fewer actors than asked, or fractional CPUs on a tiny machine; tasks get the
-    rest. A task reserves at most what is left of the smallest node once actors may have taken their share
+    on a big cluster): on a small machine their actors get fractional CPUs (an actor is not always busy,
+    and several spaCy actors keep two cores fuller than one), down to MIN_ACTOR_CPUS, and only then fewer
+    actors than asked; tasks get the rest. A task reserves at most what is left of the smallest node once actors may have taken their share
     of it, so on a cluster of 1-CPU nodes a task still fits next to fractional actors on any node.
     A GPU stage asking for more GPUs than the cluster has is an error (RuntimeError) before anything runs."""
     total = float(cluster.get("CPU", 0.0))
@@ -122,9 +124,9 @@ def fit_cluster(resources: Mapping[str, Any], cluster: Mapping[str, float], warn
                     f"run.resources.{name}.device=cpu")
             pool = min(pool, max(1, int(gpus_total // r.gpus)))
         cpus = r.cpus
-        if scale < 1.0:  # this pool's share of the actor budget: fewer actors first, then slivers of a CPU
-            share = actor_budget * r.cpus * r.pool_size / cpu_asked
-            pool = max(1, min(pool, int(share // r.cpus)))
+        if scale < 1.0:  # this pool's share of the actor budget: slivers of a CPU down to MIN_ACTOR_CPUS
+            share = actor_budget * r.cpus * r.pool_size / cpu_asked  # per actor, then fewer actors
+            pool = max(1, min(pool, int(share / MIN_ACTOR_CPUS + 1e-9)))
             cpus = min(r.cpus, share / pool)
         placements[name] = Placement(pool, round(cpus, 3), r.gpus)
         if warn and (pool < r.pool_size or cpus < r.cpus):

@@ -171,17 +171,29 @@ class Scheduler:
         return flows
 
     def _pools(self) -> dict[str, _ActorPool]:
+        """One actor per pool at once; the rest join once it has loaded its model (`_done_ready`), so on a
+        small machine the first actor of each stage is not slowed by its siblings loading alongside it."""
         pools = {}
         for s in self.stages:
             if not (s.selected and s.resources.actor) or not any(f.at <= s.index < f.end for f in self.flows.values()
                                                                  if not f.failed):
                 continue
-            place = self.fit.stages[s.name]
-            handles = [self.remote.stage_actor.options(num_cpus=place.cpus, num_gpus=place.gpus)
-                       .remote(self.specs[s.name]) for _ in range(place.pool)]
             per_actor = ACTOR_QUEUE if s is self.parts_stage else 1
-            pools[s.name] = _ActorPool(handles, per_actor)
+            pools[s.name] = _ActorPool([self._new_actor(s.name)], per_actor)
+            if self.fit.stages[s.name].pool > 1:
+                self.inflight[pools[s.name].handles[0].ready.remote()] = ("ready", (s.name, False))
         return pools
+
+    def _new_actor(self, name: str) -> Any:
+        place = self.fit.stages[name]
+        return self.remote.stage_actor.options(num_cpus=place.cpus, num_gpus=place.gpus).remote(self.specs[name])
+
+    def _done_ready(self, ref: Any, ctx_task: tuple) -> None:
+        name, _ = ctx_task
+        pool = self.pools[name]
+        for _ in range(self.fit.stages[name].pool - len(pool.handles)):
+            pool.handles.append(self._new_actor(name))
+            pool.load.append(0)
 
     def _bars(self, progress: bool) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -237,12 +249,14 @@ class Scheduler:
     def _schedule(self) -> None:
         self._admit()
         self._schedule_publish()
-        if self.parts_stage is not None and self.parts_stage.name in self.pools:
-            self._schedule_parts(self.parts_stage)
+        parts = self.parts_stage if self.parts_stage is not None and self.parts_stage.name in self.pools else None
+        if parts is not None:
+            self._start_jobs(parts)
+            self._dispatch_parts(parts)
         for name, pool in self.pools.items():
-            if self.stages[self._index(name)] is not self.parts_stage:
+            if self.stages[self._index(name)] is not parts:
                 self._schedule_actor_shards(name, pool)
-        self._schedule_tasks()
+        self._schedule_tasks(parts)
 
     def _index(self, name: str) -> int:
         return next(s.index for s in self.stages if s.name == name)
@@ -265,19 +279,44 @@ class Scheduler:
     def _ready_flows(self, stage: StagePlan) -> list[_Flow]:
         return [f for f in self.flows.values() if f.admitted and not f.busy and not f.done and f.at == stage.index]
 
-    # --- whole-shard stages ------------------------------------------------------------------------
-    def _schedule_tasks(self) -> None:
-        candidates = []
+    # --- CPU tasks: one queue, by priority ---------------------------------------------------------
+    def _schedule_tasks(self, parts: StagePlan | None) -> None:
+        """Fill the free task slots. Tier 0 (urgent) first: prepare tasks while the detect actors do not
+        have a queue's worth of prepared parts, and the tasks that feed an actor pool about to run dry
+        (ingest for spaCy). Then everything else, lowest shard first, later stage first: work that finishes
+        a shard beats work that starts one."""
+        if self.tasks_running >= self.fit.task_slots:
+            return
+        candidates: list[tuple] = []
+        starving = {s.index for s in self.stages if s.name in self.pools and s is not parts
+                    and self._backlog(s) < len(self.pools[s.name].handles)}
         for s in self.stages:
             if s.selected and not s.resources.actor:
+                tier = 0 if s.index + 1 in starving else 1
                 for f in self._ready_flows(s):
-                    heapq.heappush(candidates, (f.shard, -s.index, s.name))
+                    candidates.append((tier, f.shard, -s.index, 0, "shard", (f, s.name)))
+        if parts is not None:
+            candidates.extend(self._prepare_candidates(parts))
+        heapq.heapify(candidates)
         while candidates and self.tasks_running < self.fit.task_slots:
-            shard, _, name = heapq.heappop(candidates)
-            flow = self.flows[shard]
-            place = self.fit.stages[name]
-            ref = self.remote.run_shard.options(num_cpus=place.cpus).remote(self.specs[name], shard)
-            self._submit(ref, "report", (flow, name, None), task=True)
+            *_, kind, payload = heapq.heappop(candidates)
+            if kind == "shard":
+                flow, name = payload
+                place = self.fit.stages[name]
+                ref = self.remote.run_shard.options(num_cpus=place.cpus).remote(self.specs[name], flow.shard)
+                self._submit(ref, "report", (flow, name, None), task=True)
+            else:
+                job, part = payload
+                ref = self.remote.prepare.options(num_cpus=self.fit.task_cpus).remote(
+                    self.specs[job.stage.name], job.flow.shard, job.loads[part])
+                job.loads[part] = None  # the task holds it now
+                job.next_prepare = part + 1
+                self.tasks_running += 1
+                self.inflight[ref] = ("prepared", ((job, part), True))
+
+    def _backlog(self, stage: StagePlan) -> int:
+        """Shards an actor pool is working on or could start now."""
+        return sum(1 for f in self.flows.values() if f.admitted and not f.done and f.at == stage.index)
 
     def _schedule_actor_shards(self, name: str, pool: _ActorPool) -> None:
         stage = self.stages[self._index(name)]
@@ -339,9 +378,10 @@ class Scheduler:
             self.bars[stage].set_postfix(failed=len(self.outcomes[stage].failed), refresh=False)
 
     # --- the stage in parts (detect) ---------------------------------------------------------------
-    def _schedule_parts(self, stage: StagePlan) -> None:
+    def _start_jobs(self, stage: StagePlan) -> None:
+        """Shards that reached the stage in parts: cut each one's input into parts (a loader task)."""
         spec = self.specs[stage.name]
-        for flow in self._ready_flows(stage):  # start jobs: split the shard's input into parts
+        for flow in self._ready_flows(stage):
             rows = self._input_rows(flow, stage)
             if rows is None:
                 continue
@@ -356,32 +396,39 @@ class Scheduler:
             loads = self.remote.split.options(num_cpus=self.fit.task_cpus, num_returns=parts).remote(
                 spec, flow.shard, parts)
             job.loads = [loads] if parts == 1 else list(loads)
+
+    def _dispatch_parts(self, stage: StagePlan) -> None:
+        """Hand prepared parts to actors with room in their queue, lowest shard and part first."""
         pool = self.pools[stage.name]
-        jobs = [self.jobs[s] for s in sorted(self.jobs)]
-        # actors first: hand prepared parts to actors with room, lowest shard and part first
-        for job in jobs:
+        for shard in sorted(self.jobs):
+            job = self.jobs[shard]
             while job.prepared:
                 i = pool.free()
                 if i is None:
-                    break
+                    return
                 part, ref = job.prepared.pop(0)
                 pool.load[i] += 1
                 call = pool.handles[i].process.remote(job.flow.shard, ref)
                 job.results[part] = call
                 self.inflight[call] = ("part", ((job, part, pool, i), False))
-        # then keep decoded parts waiting for the actors, up to the bound
+
+    def _prepare_candidates(self, stage: StagePlan) -> list[tuple]:
+        """The next parts to prepare, up to the bound on decoded parts waiting for the actors; urgent while
+        the actors' queues could not be filled from what is prepared or preparing."""
+        pool = self.pools[stage.name]
+        jobs = [self.jobs[s] for s in sorted(self.jobs)]
         waiting = sum(len(j.prepared) for j in jobs) + sum(1 for k, _ in self.inflight.values() if k == "prepared")
-        budget = len(pool.handles) * stage.execution.queued_batches + sum(pool.per_actor - n for n in pool.load)
+        free_queue = sum(pool.per_actor - n for n in pool.load)
+        budget = len(pool.handles) * stage.execution.queued_batches + free_queue
+        out = []
         for job in jobs:
-            while waiting < budget and job.next_prepare < len(job.loads) and self.tasks_running < self.fit.task_slots:
-                part = job.next_prepare
-                ref = self.remote.prepare.options(num_cpus=self.fit.task_cpus).remote(spec, job.flow.shard,
-                                                                                       job.loads[part])
-                job.loads[part] = None  # the task holds it now
-                job.next_prepare += 1
+            for part in range(job.next_prepare, len(job.loads)):
+                if waiting >= budget:
+                    return out
+                tier = 0 if waiting < free_queue + len(pool.handles) else 1
+                out.append((tier, job.flow.shard, -stage.index, part, "prepare", (job, part)))
                 waiting += 1
-                self.tasks_running += 1
-                self.inflight[ref] = ("prepared", ((job, part), True))
+        return out
 
     def _input_rows(self, flow: _Flow, stage: StagePlan) -> int | None:
         prev = stage.index - 1

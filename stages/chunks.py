@@ -124,6 +124,8 @@ class ChunksConfig(StageConfig):
 class ChunksExecution(ActorExecution):
     """How `chunks` runs (`run.resources.chunks.<field>`); none of it changes a chunk."""
 
+    pool_size: int = Field(2, ge=1, description="spaCy actors (about 1,000 captions/s each; one parses a "
+                           "shard at a time).")
     batch_size: int = Field(2000, ge=1, description="Rows per `process_batch` call (the actor's batch).")
     pipe_batch_size: int = Field(256, ge=1, description="Texts per internal batch of spaCy's `nlp.pipe`.")
 

@@ -33,7 +33,7 @@ from schemas.rows import RejectReason
 from schemas.tables import CANDIDATE_TYPE, DETECT_SCHEMA, REJECT_SCHEMA
 from stages.base import Execution, Resources, Stage, StageConfig, StageResult
 from stages.detectors import ChunkPrompt, Detections, ImageInput, build_detector, resize_spec
-from stages.detectors.config import DetectConfig, DetectExecution
+from stages.detectors.config import REPLAY_PART_ROWS, DetectConfig, DetectExecution
 from stages.image_reader import locations_of, read_images
 from stages.images import DecodeLimits, ImageFailure, check_image, decode_image
 
@@ -61,9 +61,11 @@ class DetectStage(Stage[DetectConfig]):
     @property
     def resources(self) -> Resources:
         ex = self.execution
-        uses_gpu = self.config.backend != "replay" and ex.device != "cpu"
+        replay = self.config.backend == "replay"
+        uses_gpu = not replay and ex.device != "cpu"
+        part_rows = ex.part_rows or (REPLAY_PART_ROWS if replay else ex.batch_size)
         return Resources(cpus=ex.cpus, gpus=ex.gpus if uses_gpu else 0.0, actor=True,
-                         batch_size=ex.batch_size, pool_size=ex.pool_size)
+                         batch_size=part_rows, pool_size=ex.pool_size)
 
     def setup(self) -> None:
         if self._detector is None:

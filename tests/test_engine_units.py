@@ -202,7 +202,9 @@ def test_stats_balance_and_funnel():
     # (pool, CPUs per actor) of each actor stage, then task slots and CPUs per task
     ({"CPU": 2}, {"a": Resources(cpus=1, actor=True), "b": Resources(cpus=1, actor=True)},
      ({"a": (1, 0.5), "b": (1, 0.5)}, 1, 1.0)),
-    ({"CPU": 2}, {"a": Resources(cpus=1, actor=True, pool_size=4)}, ({"a": (1, 1.0)}, 1, 1.0)),  # pool shrinks
+    # a small machine: actors share CPUs down to a quarter each, then the pool shrinks
+    ({"CPU": 2}, {"a": Resources(cpus=1, actor=True, pool_size=4)}, ({"a": (4, 0.25)}, 1, 1.0)),
+    ({"CPU": 2}, {"a": Resources(cpus=1, actor=True, pool_size=8)}, ({"a": (4, 0.25)}, 1, 1.0)),
     ({"CPU": 1}, {"a": Resources(cpus=1, actor=True)}, ({"a": (1, 0.5)}, 1, 0.5)),  # one-CPU machine
     # two 1-CPU nodes: the actors may sit on different nodes, so a task must fit in half a node
     ({"CPU": 2, "min_node_CPU": 1}, {"a": Resources(cpus=1, actor=True), "b": Resources(cpus=1, actor=True)},

@@ -16,6 +16,7 @@ from stages.image_reader import DEFAULT_MAX_BYTES
 from stages.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 PathSetting = Annotated[str | None, FileInput()]
+REPLAY_PART_ROWS = 512
 
 
 class DetectConfig(StageConfig):
@@ -69,6 +70,11 @@ class DetectExecution(PreparedExecution):
     """How `detect` runs (`run.resources.detect.<field>`); none of it changes a candidate."""
 
     batch_size: int = Field(8, ge=1, description="Images per forward pass (halved on CUDA out-of-memory).")
+    part_rows: int | None = Field(
+        None, ge=1, description="Rows per part: one CPU task reads (and decodes) a part's images, one actor "
+        "call detects it in forward passes of batch_size. None: batch_size for backends that decode pixels "
+        "(so a part's pixels stay small), REPLAY_PART_ROWS for the replay backend (no pixels: large parts "
+        "keep the per-task overhead negligible).")
     gpus: float = Field(1.0, ge=0.0, description="GPUs per actor; fractional shares a GPU between actors. "
                         "Ignored (0) for the replay backend and device=cpu.")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
