@@ -33,8 +33,10 @@ SCRIPTS: dict[str, list[str]] = {
     "detect_throughput": [],
     "image_reads": [],
     "engine_overhead": [],
+    "pipeline_overlap": [],
     "regenerate": [],
     "peak_rss": [],
+    "status_read": [],
     "train_grounding": [],
 }
 

@@ -115,3 +115,32 @@ def test_a_finished_run_is_ready_to_publish(pipeline_run):
     features = {f["name"] for f in data["dataset_info"]["features"]}
     assert {"key", "caption", "noun_chunks", "ref_exps", "grounded_caption"} <= features
     assert result.stage("select").fingerprint in card.text
+
+
+def test_a_run_directory_of_the_stage_by_stage_engine_is_read_as_a_cache(pipeline_run, synthetic_input,
+                                                                           replay_overrides, tmp_path):
+    """A run directory as the previous engine left it (committed stage shards, `grit/` as copies of the
+    compose outputs with a `_manifest.json`, no publish records, no `layout:` in run.yaml): the stage
+    outputs are reused, the final shards are published again under the new rules, the manifest goes."""
+    import yaml
+
+    from grit_pipeline.api import run_pipeline
+
+    _, baseline = pipeline_run
+    old = tmp_path / "old"
+    shutil.copytree(baseline, old)
+    shutil.rmtree(old / "publish")
+    compose = next((old / "stages" / "compose").iterdir())
+    for final in (old / "grit").glob("shard-*.parquet"):
+        shutil.copy(compose / final.name, final)  # the old engine's plain copies
+    (old / "grit" / "_manifest.json").write_text('{"compose_fingerprint": "x", "shards": {}}')
+    run_yaml = yaml.safe_load((old / "run.yaml").read_text())
+    run_yaml.pop("layout")
+    run_yaml.pop("planned_shards")
+    (old / "run.yaml").write_text(yaml.safe_dump(run_yaml, sort_keys=False))
+
+    result = run_pipeline(None, input=str(synthetic_input.root), output=str(old), overrides=replay_overrides)
+    assert result.ok and all(s.computed == [] for s in result.stages)  # every stage output reused
+    assert not (old / "grit" / "_manifest.json").exists()
+    for final in sorted((baseline / "grit").glob("shard-*.parquet")):
+        assert (old / "grit" / final.name).read_bytes() == final.read_bytes()
