@@ -6,6 +6,10 @@ with the command that reproduces it, the machine (cores, memory, GPU) and the da
 
     python bench/run_all.py                 # all scripts
     python bench/run_all.py --only regenerate chunk_quality
+    python bench/run_all.py --collect engine_overhead   # record bench/out/engine_overhead.json as it is
+
+`--collect` is for figures you produced by running a script yourself with `--out bench/out/NAME.json`
+(on a quiet machine, say): they are recorded with the script's command, without running it again.
 """
 
 from __future__ import annotations
@@ -82,6 +86,20 @@ def run_one(name: str, extra: list[str]) -> dict:
     }
 
 
+def collect_one(name: str, extra: list[str]) -> dict:
+    out = OUT_DIR / f"{name}.json"
+    if not out.exists():
+        raise SystemExit(f"--collect {name}: {out.relative_to(REPO)} does not exist; run the script with --out first")
+    return {
+        "name": name,
+        "command": " ".join(["python", f"bench/{name}.py", *extra]),
+        "ok": True,
+        "seconds": None,
+        "figures": json.loads(out.read_text()),
+        "error": "",
+    }
+
+
 def write_results(results: list[dict], info: dict[str, str]) -> Path:
     lines = [
         "# Benchmark results",
@@ -92,7 +110,8 @@ def write_results(results: list[dict], info: dict[str, str]) -> Path:
         "",
     ]
     for r in results:
-        lines += [f"## {r['name']}", "", f"Command: `{r['command']}` ({r['seconds']} s)", ""]
+        took = f" ({r['seconds']} s)" if r["seconds"] is not None else ""
+        lines += [f"## {r['name']}", "", f"Command: `{r['command']}`{took}", ""]
         if not r["ok"]:
             lines += [f"FAILED: {r['error']}", ""]
             continue
@@ -108,18 +127,21 @@ def write_results(results: list[dict], info: dict[str, str]) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="run only these scripts (names without .py)")
+    parser.add_argument("--collect", nargs="*", default=[],
+                        help="record these scripts' figures from bench/out/NAME.json without running them")
     args = parser.parse_args()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     names = [n for n in SCRIPTS if (BENCH_DIR / f"{n}.py").exists()]
-    if args.only:
-        unknown = set(args.only) - set(names)
-        if unknown:
-            parser.error(f"no such benchmark: {', '.join(sorted(unknown))}")
-        names = [n for n in names if n in args.only]
+    unknown = {n for n in (set(args.only or []) | set(args.collect)) if n not in names}
+    if unknown:
+        parser.error(f"no such benchmark: {', '.join(sorted(unknown))}")
+    if args.only is not None or args.collect:
+        names = [n for n in names if n in (args.only or [])]
     store = BENCH_DIR / "results.json"  # every script's latest figures, so --only updates in place
     previous = {r["name"]: r for r in json.loads(store.read_text())} if store.exists() else {}
     fresh = {n: run_one(n, SCRIPTS[n]) for n in names}
-    merged = {**previous, **fresh}
+    collected = {n: collect_one(n, SCRIPTS[n]) for n in args.collect}
+    merged = {**previous, **collected, **fresh}
     results = [merged[n] for n in SCRIPTS if n in merged]
     store.write_text(json.dumps(results, indent=1) + "\n")
     path = write_results(results, machine())

@@ -31,7 +31,7 @@ STAGES = ("ingest", "chunks", "detect", "select", "compose")
 
 def write_run(rundir: RunDir, shards: int) -> None:
     fps = {s: f"{i:016x}" for i, s in enumerate(STAGES)}
-    rundir.write_text("run.yaml", yaml.safe_dump({"fingerprints": fps, "shards": list(range(shards)), "layout": 2}))
+    rundir.write_text("run.yaml", yaml.safe_dump({"fingerprints": fps, "planned_shards": list(range(shards)), "layout": 2}))
     blobs = {}
     for stage, fp in fps.items():
         for shard in range(shards):

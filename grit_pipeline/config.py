@@ -66,8 +66,9 @@ class RunConfig(BaseModel):
     num_cpus: int | None = Field(None, ge=1)  # local Ray only
     num_gpus: int | None = Field(None, ge=0)  # local Ray only
     resources: StageResources = Field(default_factory=StageResources)  # type: ignore[valid-type]
-    # Shards the CPU stages may run ahead of the GPU stage (beyond one per detect actor): enough that the
-    # GPU never waits for chunks, few enough that a week-long run keeps memory and disk bounded.
+    # Shards the CPU stages may run ahead of the GPU stage, beyond one per actor of the stages up to detect
+    # (spaCy and detector actors): enough that the GPU never waits for chunks, few enough that a week-long
+    # run keeps memory and disk bounded.
     shards_ahead: int = Field(2, ge=0)
     progress: bool = True  # progress bars, one per stage
     # One `grit run` per run directory (`grit_pipeline.lease`): a lease whose heartbeat (refreshed every

@@ -8,9 +8,10 @@ published (`grit_pipeline.publish`, in shard order), so final shards appear minu
 
 What keeps a long run bounded and the GPU busy:
 
-- **Admission.** Shards enter in order; at most `pool + run.shards_ahead` shards are between their first
-  stage and the end of detect (the stage with a prepare step), so the CPU stages run a bounded number of
-  shards ahead of the GPU and memory and disk stay bounded.
+- **Admission.** Shards enter in order; at most one shard per actor of the stages up to detect (the stage
+  with a prepare step: spaCy and detector actors) plus `run.shards_ahead` are between their first stage
+  and the end of detect, so the CPU stages run a bounded number of shards ahead of the GPU and memory and
+  disk stay bounded.
 - **Priorities.** Work goes to the lowest shard first, and feeding the GPU comes before other CPU work.
 - **Decoded images are bounded.** Each detect actor has at most `ACTOR_QUEUE` parts in its queue, and at
   most `pool x run.resources.detect.queued_batches` decoded parts wait for one; image reading and decoding
@@ -135,9 +136,12 @@ class Scheduler:
         self.flows = self._flows()
         self.pools = self._pools()
         selected = [s for s in self.stages if s.selected]
-        self.window = plan.run.shards_ahead + (
-            fit.stages[self.parts_stage.name].pool if self.parts_stage is not None
-            else fit.task_slots + sum(fit.stages[s.name].pool for s in selected))
+        # one shard per actor of the stages up to detect (each holds a shard while it works), plus the
+        # shards waiting for them: with fewer, a spaCy actor idles while its next shard waits for admission
+        upto = self.parts_stage.index if self.parts_stage is not None else len(self.stages)
+        self.window = plan.run.shards_ahead + sum(fit.stages[s.name].pool for s in selected
+                                                  if s.resources.actor and s.index <= upto) + (
+            0 if self.parts_stage is not None else fit.task_slots)
         self.publisher = None
         self.published: list[int] = []
         self.publish_failed: list[int] = []
