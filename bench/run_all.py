@@ -44,6 +44,13 @@ SCRIPTS: dict[str, list[str]] = {
     "train_grounding": [],
 }
 
+# Figures of an earlier version, kept beside the current ones: bench/out/NAME_before.json, written by
+# running the same script in a checkout of that version (`git worktree add ../before REV`, copy the
+# script there if it is newer than REV, run it with --out pointing here).
+BEFORE: dict[str, str] = {
+    "pipeline_overlap": "6771668 (the stage-by-stage engine, before the streaming one)",
+}
+
 
 def machine() -> dict[str, str]:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -119,6 +126,11 @@ def write_results(results: list[dict], info: dict[str, str]) -> Path:
         for k, v in r["figures"].items():
             lines.append(f"| {k} | {v} |")
         lines.append("")
+        before = OUT_DIR / f"{r['name']}_before.json"
+        if r["name"] in BEFORE and before.exists():
+            lines += [f"Before, at commit {BEFORE[r['name']]}:", "", "| figure | value |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in json.loads(before.read_text()).items()]
+            lines.append("")
     path = BENCH_DIR / "RESULTS.md"
     path.write_text("\n".join(lines))
     return path

@@ -247,31 +247,11 @@ def test_inspect_key_on_object_store_reads_only_its_shard(run, monkeypatch):
 
 # --- a run on S3 (moto's server mode on 127.0.0.1) ---------------------------------------------------------
 @pytest.fixture
-def s3_options(tmp_path):
-    import socket
-    import subprocess
-    import sys
-    import time
+def s3_options():
+    from moto_s3 import moto_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.1)
-        yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with moto_server(serial=False) as endpoint:
+        yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
 
 
 @pytest.mark.slow
