@@ -23,8 +23,8 @@ Rejects (each input row gets at most one; the first that applies wins, in this o
   empty_caption     null, empty, or whitespace- and control-character-only caption
   caption_too_long  more than max_caption_chars characters after whitespace normalization
   duplicate_key     a key already kept earlier in the same shard (the first occurrence is kept).
-                    Duplicates in different shards are not detected: shards are processed independently,
-                    and a cross-shard check would need a global pass over all keys before any shard runs.
+                    A key in two shards is caught later, when final shards are published in shard order
+                    (`grit_pipeline.publish`): the higher shard's row is rejected there.
 """
 
 from __future__ import annotations
