@@ -216,10 +216,14 @@ class CheckThenWriteFile(ConditionalFile):
 
     def _write_checked(self, data: bytes) -> str:
         self.fs.pipe_file(self.path, data)
+        return self.read_back(data)
+
+    def read_back(self, data: bytes) -> str:
+        """After a settle, the version of `data` as stored; Conflict if another writer came after us."""
         if self.settle_s:
             time.sleep(self.settle_s)
         back = self._current()
-        if back is None or back.data != data:  # another writer came after us
+        if back is None or back.data != data:
             raise Conflict(self.url)
         return back.version
 
@@ -322,6 +326,13 @@ class S3ConditionalFile(ConditionalFile):
     def create(self, data: bytes) -> str:
         if self.fallback is not None:
             return self.fallback.create(data)
+        # Redundant where the store honours If-None-Match; where it silently ignores it, this is what keeps
+        # a second run from overwriting a live lease before the check below finds the store out.
+        try:
+            self._call("head_object")
+            raise FileExistsError(self.url)
+        except FileNotFoundError:
+            pass
         try:
             etag = self._call("put_object", Body=data, IfNoneMatch="*")["ETag"]
         except FileExistsError:
@@ -342,13 +353,10 @@ class S3ConditionalFile(ConditionalFile):
             if code in _CONFLICT:
                 return str(etag)
             raise
-        fallback = self._downgrade("the store ignores If-None-Match")
-        if fallback.settle_s:
-            time.sleep(fallback.settle_s)
-        back = fallback._current()
-        if back is None or back.data != data:  # another writer came after us
-            raise FileExistsError(self.url)
-        return back.version
+        try:  # our first write went through unconditionally: keep it only if nobody wrote after it
+            return self._downgrade("the store ignores If-None-Match").read_back(data)
+        except Conflict:
+            raise FileExistsError(self.url) from None
 
     def replace(self, data: bytes, version: str) -> str:
         if self.fallback is not None:

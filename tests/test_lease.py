@@ -73,6 +73,30 @@ def test_each_store_gets_its_exact_kind_of_conditional_write(tmp_path, s3):  # n
     assert s3_file.fallback is None and s3_file.guarantee.startswith("exact")
 
 
+def test_a_store_that_ignores_if_none_match_falls_back_to_check_then_write(s3, caplog):  # noqa: F811
+    """Some S3-compatible stores accept `If-None-Match` and ignore it. The create notices (its second
+    conditional create succeeds too), says so, keeps its own write when nothing came after it, and from
+    then on checks and reads back; a create over an existing lease is refused either way."""
+
+    class IgnoresConditions(S3ConditionalFile):
+        def _call(self, method, **kwargs):
+            kwargs.pop("IfNoneMatch", None)
+            kwargs.pop("IfMatch", None)
+            return super()._call(method, **kwargs)
+
+    rundir = RunDir(f"s3://{s3.new_bucket()}/run", s3.storage_options)
+    lease = IgnoresConditions(rundir, LEASE_FILE)
+    with caplog.at_level(logging.WARNING):
+        version = lease.create(b"first")
+    assert "ignores If-None-Match" in caplog.text and lease.fallback is not None
+    assert not lease.guarantee.startswith("exact")
+    stamped, _ = lease.read()
+    assert stamped.data == b"first" and stamped.version == version
+    with pytest.raises(FileExistsError):
+        IgnoresConditions(rundir, LEASE_FILE).create(b"second")
+    assert lease.read()[0].data == b"first"
+
+
 def test_acquire_refuse_release(store):
     lease = Lease.acquire(store.rundir, stale_after_s=600, command="grit run --output here")
     state = read_lease(store.rundir)
