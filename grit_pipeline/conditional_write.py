@@ -358,36 +358,34 @@ class S3ConditionalFile(ConditionalFile):
         except Conflict:
             raise FileExistsError(self.url) from None
 
-    def replace(self, data: bytes, version: str) -> str:
-        if self.fallback is not None:
-            return self.fallback.replace(data, version)
+    def _if_match(self, method: str, version: str, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
+        """`method` with If-Match: (True, response); Conflict when the file is no longer at `version`;
+        (False, {}) when the store refuses If-Match, for the caller to compare by hand."""
         try:
-            return str(self._call("put_object", Body=data, IfMatch=version)["ETag"])
+            return True, self._call(method, IfMatch=version, **kwargs)
         except OSError as e:
             code, _ = _client_error(e)
             if code in _CONFLICT or code in _MISSING or isinstance(e, FileNotFoundError):
                 raise Conflict(self.url) from None
             if code not in _UNSUPPORTED:
                 raise
-        cur, _ = self.read()  # the store refuses If-Match: compare the ETag, then write and read back
+        cur, _ = self.read()
         if cur is None or cur.version != version:
             raise Conflict(self.url)
-        with self._downgrade("the store refuses If-Match").lock:
+        return False, {}
+
+    def replace(self, data: bytes, version: str) -> str:
+        if self.fallback is not None:
+            return self.fallback.replace(data, version)
+        done, response = self._if_match("put_object", version, Body=data)
+        if done:
+            return str(response["ETag"])
+        with self._downgrade("the store refuses If-Match").lock:  # compared above: write and read back
             return self.fallback._write_checked(data)  # type: ignore[union-attr]
 
     def delete(self, version: str) -> None:
         if self.fallback is not None:
             return self.fallback.delete(version)
-        try:
-            self._call("delete_object", IfMatch=version)
-        except OSError as e:
-            code, _ = _client_error(e)
-            if code in _CONFLICT or code in _MISSING or isinstance(e, FileNotFoundError):
-                raise Conflict(self.url) from None
-            if code not in _UNSUPPORTED:
-                raise
-            # deletes without conditions (older S3-compatible stores): compare, then delete
-            cur, _ = self.read()
-            if cur is None or cur.version != version:
-                raise Conflict(self.url) from None
+        done, _ = self._if_match("delete_object", version)
+        if not done:  # deletes without conditions (older S3-compatible stores): compared above
             self._call("delete_object")

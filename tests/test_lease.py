@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from moto_s3 import s3  # noqa: F401 - a fixture
 
-from grit_pipeline.conditional_write import LockedLocalFile, S3ConditionalFile, conditional_file
+from grit_pipeline.conditional_write import Conflict, LockedLocalFile, S3ConditionalFile, conditional_file
 from grit_pipeline.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost, read_lease
 from grit_pipeline.rundir import RunDir
 
@@ -95,6 +95,31 @@ def test_a_store_that_ignores_if_none_match_falls_back_to_check_then_write(s3, c
     with pytest.raises(FileExistsError):
         IgnoresConditions(rundir, LEASE_FILE).create(b"second")
     assert lease.read()[0].data == b"first"
+
+
+def test_a_store_that_refuses_if_match_compares_versions_by_hand(s3):  # noqa: F811
+    """Older S3-compatible stores answer If-Match with NotImplemented: replace and delete then compare the
+    ETag themselves, still refusing a stale version."""
+
+    class RefusesIfMatch(S3ConditionalFile):
+        def _call(self, method, **kwargs):
+            if "IfMatch" in kwargs:
+                error = OSError("not implemented")
+                error.response = {"Error": {"Code": "NotImplemented"}}
+                raise error
+            return super()._call(method, **kwargs)
+
+    rundir = RunDir(f"s3://{s3.new_bucket()}/run", s3.storage_options)
+    lease = RefusesIfMatch(rundir, LEASE_FILE)
+    first = lease.create(b"first")
+    second = lease.replace(b"second", first)
+    assert lease.read()[0].data == b"second"
+    with pytest.raises(Conflict):
+        RefusesIfMatch(rundir, LEASE_FILE).replace(b"third", first)  # stale version
+    with pytest.raises(Conflict):
+        RefusesIfMatch(rundir, LEASE_FILE).delete(first)
+    lease.delete(second)  # a version is the token of the file object that issued it
+    assert lease.read()[0] is None
 
 
 def test_acquire_refuse_release(store):
