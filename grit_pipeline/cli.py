@@ -123,12 +123,14 @@ def run(
                           from_stage=from_stage, to_stage=to_stage)
     except (ConfigError, PlanError, ValueError) as e:
         _fail(str(e))
-    from grit_pipeline.lease import LeaseHeld
+    from grit_pipeline.lease import LeaseHeld, LeaseLost
 
     try:
         result = execute(plan, command=resume_command())
     except (PlanError, LeaseHeld) as e:
         _fail(display_text(str(e)))
+    except LeaseLost as e:  # taken over mid-run: this run stopped writing; its committed shards stay
+        _fail(display_text(str(e)), 1)
     except OSError as e:  # the run directory itself cannot be written
         _fail(f"cannot write the run directory {output}: {e}", 1)
     console = _console()

@@ -196,7 +196,8 @@ def _execute(plan: RunPlan, progress: bool | None, lease: Any, failure_log: Any,
                               on_abort=scheduler.request_abort, grace_s=run.stop_grace_s)
         with signals:
             scheduler.run()
-        if last.selected and signals.received is None:  # a stopped run published only part of grit/
+        lease.check()  # LeaseLost: the directory is another run's now; write nothing more there
+        if last.selected and not scheduler.stop_requested:  # a stopped run published only part of grit/
             removed = remove_stale(rundir, scheduler.published)
             log.info("final shards: %d published, %d stale removed", len(scheduler.published), len(removed))
     finally:

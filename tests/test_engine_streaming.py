@@ -144,3 +144,38 @@ def test_a_run_directory_of_the_stage_by_stage_engine_is_read_as_a_cache(pipelin
     assert not (old / "grit" / "_manifest.json").exists()
     for final in sorted((baseline / "grit").glob("shard-*.parquet")):
         assert (old / "grit" / final.name).read_bytes() == final.read_bytes()
+
+
+def test_a_run_whose_lease_is_taken_over_stops_and_leaves_the_directory_alone(ray_local, six_shards, tmp_path):
+    """Another run takes the lease over mid-run (as it would after a stale heartbeat): this run aborts with
+    LeaseLost and writes nothing more: no final shard of the new owner is removed, nor its temporary files."""
+    import json
+    import threading
+
+    from grit_pipeline.lease import LeaseLost
+
+    config = load_config(None, [*replay_overrides(six_shards.detections), "run.progress=false",
+                                "run.resources.detect.batch_size=4", "run.lease_stale_s=2"])
+    classes = {**default_stage_classes(), "detect": SlowDetect}
+    run = tmp_path / "run"
+    plan = build_plan(config, input_uri=str(six_shards.root), output_uri=str(run), stage_classes=classes)
+    first_ingest = run / "stages" / "ingest" / plan.fingerprints["ingest"] / "_done" / "shard-00000"
+    theirs = [run / "grit" / "shard-00099.parquet", run / "_tmp" / "theirs"]
+
+    def take_over() -> None:
+        deadline = time.monotonic() + 120
+        while not first_ingest.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lease = json.loads((run / "lease.json").read_text())
+        (run / "lease.json").write_text(json.dumps({**lease, "token": "another run", "host": "elsewhere"}))
+        for path in theirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"the new owner's")
+
+    thread = threading.Thread(target=take_over)
+    thread.start()
+    with pytest.raises(LeaseLost, match="taken over"):
+        execute(plan)
+    thread.join()
+    assert all(path.read_bytes() == b"the new owner's" for path in theirs)
+    assert json.loads((run / "lease.json").read_text())["token"] == "another run"  # left to its holder
