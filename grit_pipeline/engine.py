@@ -137,15 +137,14 @@ def execute(plan: RunPlan, *, progress: bool | None = None, command: str | None 
     from grit_pipeline.runlog import FailureLog, RunLogHandler, run_started
 
     check_writable(plan.rundir)
-    lease = Lease.acquire(plan.rundir, stale_after_s=plan.run.lease_stale_s,
-                          command=command or shlex.join(sys.argv))
+    command = command or shlex.join(sys.argv)
+    lease = Lease.acquire(plan.rundir, stale_after_s=plan.run.lease_stale_s, command=command)
     started_at = run_started()
     handler = RunLogHandler(plan.rundir, started_at)
     logging.getLogger().addHandler(handler)
     try:
         log.info("grit run %s -> %s (%d shards), lease held", plan.input_uri, plan.rundir.uri, len(plan.shards))
-        return _execute(plan, progress, lease, FailureLog(plan.rundir, started_at),
-                        command or shlex.join(sys.argv))
+        return _execute(plan, progress, lease, FailureLog(plan.rundir, started_at), command)
     finally:
         lease.release()
         logging.getLogger().removeHandler(handler)
@@ -169,9 +168,7 @@ def _execute(plan: RunPlan, progress: bool | None, lease: Any, failure_log: Any,
     last = plan.stages[-1]
     fingerprints = {**plan.fingerprints, PUBLISH: last.fingerprint}
 
-    def on_event(kind: str, info: dict[str, Any]) -> None:
-        if kind != "failure":
-            return
+    def on_failure(info: dict[str, Any]) -> None:
         fields = {k: info.get(k) for k in ("input_file", "key", "error_type", "traceback")}
         try:
             failure_log.record(stage=info["stage"], shard=info["shard"], message=info["message"],
@@ -187,7 +184,7 @@ def _execute(plan: RunPlan, progress: bool | None, lease: Any, failure_log: Any,
             raise PlanError(str(e)) from None
         specs = {s.name: stage_spec(plan, s) for s in plan.stages if s.selected}
         publisher = (rundir, last.name, last.fingerprint, final_metadata(plan)) if last.selected else None
-        scheduler = Scheduler(plan, fit, specs, publisher_args=publisher, progress=progress, on_event=on_event)
+        scheduler = Scheduler(plan, fit, specs, publisher_args=publisher, progress=progress, on_failure=on_failure)
         for name, paths in cleaned.items():
             scheduler.outcomes[name].cleaned = paths
         # someone took the run directory over (our heartbeat was too old): stop writing into it at once

@@ -48,10 +48,6 @@ class StagePlan:
             return "actor pool" + (" (GPU)" if self.resources.gpus else "")
         return "tasks"
 
-    def make(self) -> Stage:
-        """A fresh instance of the stage (models not loaded)."""
-        return self.cls(self.config, self.execution)
-
 
 @dataclass
 class RunPlan:
@@ -153,7 +149,7 @@ def build_plan(config: BaseModel, *, input_uri: str | None = None, output_uri: s
         stage = classes[n](stage_cfgs[n], executions[n])
         sp = StagePlan(name=n, index=i, cls=classes[n], config=stage_cfgs[n], execution=executions[n],
                        fingerprint=fps[n], resources=stage.resources,
-                       has_prepare=type(stage).prepare_batch is not Stage.prepare_batch, selected=lo <= i <= hi)
+                       has_prepare=type(stage).has_prepare(), selected=lo <= i <= hi)
         if inspect_cache:
             done = rundir.committed(n, fps[n])
             sp.cached = [s for s in selected if s in done]

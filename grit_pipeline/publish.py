@@ -31,10 +31,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from grit_pipeline.rundir import FINAL, PARQUET_OPTIONS, RunDir, json_bytes, sha256, shard_name
+from grit_pipeline.rundir import FINAL, RunDir, json_bytes, parquet_bytes, sha256, shard_name
 from schemas.rows import RejectReason
 from schemas.tables import REJECT_SCHEMA
 from stages.retry import with_retries
@@ -120,8 +119,8 @@ class Publisher:
         if shard <= self.last:
             raise ValueError(f"shards are published in order: {shard} after {self.last}")
         rd = self.rundir
-        marker = json.loads(with_retries(lambda: rd.read_bytes(rd.marker_path(self.stage, self.fp, shard)),
-                                         what=f"read the {self.stage} marker of shard {shard}"))
+        marker = with_retries(lambda: rd.markers(self.stage, self.fp, [shard])[shard],
+                              what=f"read the {self.stage} marker of shard {shard}")
         compose_sha = marker["files"][f"{shard_name(shard)}.parquet"]["sha256"]
         basis = self.basis
         record = self._record(shard)
@@ -157,9 +156,9 @@ class Publisher:
                                pa.string()),
         }, schema=REJECT_SCHEMA)
         kept_hashes = np.sort(hashes[~duplicate])
-        final_bytes = _parquet(final)
+        final_bytes = parquet_bytes(final.combine_chunks())
         rd.put_atomic(rd.final_path(shard), final_bytes)
-        rd.put_atomic(self._path(shard, "rejects.parquet"), _parquet(rejects))
+        rd.put_atomic(self._path(shard, "rejects.parquet"), parquet_bytes(rejects))
         rd.put_atomic(self._path(shard, "keys"), kept_hashes.astype("<u8").tobytes())
         record = {"shard": shard, "compose_fingerprint": self.fp, "compose_sha256": compose_sha,
                   "basis": basis, "final_sha256": sha256(final_bytes), "rows_in": table.num_rows,
@@ -177,7 +176,7 @@ class Publisher:
         return self._cache[1]
 
     def _path(self, shard: int, suffix: str) -> str:
-        return self.rundir.path(PUBLISH, f"{shard_name(shard)}.{suffix}")
+        return publish_path(self.rundir, shard, suffix)
 
     def _record(self, shard: int) -> dict[str, Any] | None:
         path = self._path(shard, "json")
@@ -187,10 +186,9 @@ class Publisher:
             return None
 
 
-def _parquet(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table.combine_chunks(), sink, **PARQUET_OPTIONS)
-    return sink.getvalue().to_pybytes()
+def publish_path(rundir: RunDir, shard: int, suffix: str) -> str:
+    """`publish/shard-NNNNN.<suffix>`: the record (json), duplicate-key rejects, kept key hashes."""
+    return rundir.path(PUBLISH, f"{shard_name(shard)}.{suffix}")
 
 
 def remove_stale(rundir: RunDir, keep: Iterable[int]) -> list[int]:
@@ -213,16 +211,6 @@ def remove_stale(rundir: RunDir, keep: Iterable[int]) -> list[int]:
 def publish_records(rundir: RunDir, shards: Iterable[int]) -> dict[int, dict[str, Any]]:
     """The publish records of `shards` that exist (read concurrently)."""
     names = set(rundir.list_names(PUBLISH))
-    paths = {s: rundir.path(PUBLISH, f"{shard_name(s)}.json") for s in shards}
+    paths = {s: publish_path(rundir, s, "json") for s in shards}
     present = {s: p for s, p in paths.items() if posixpath.basename(p) in names}
     return {s: json.loads(b) for s, b in rundir.cat_many(present).items()}
-
-
-def duplicate_rejects(rundir: RunDir, shard: int) -> pa.Table:
-    return pq.read_table(rundir.path(PUBLISH, f"{shard_name(shard)}.rejects.parquet"), filesystem=rundir.fs)
-
-
-def reject_counts(table: pa.Table) -> dict[str, int]:
-    if table.num_rows == 0:
-        return {}
-    return {c["values"]: c["counts"] for c in pc.value_counts(table["reason"]).to_pylist()}

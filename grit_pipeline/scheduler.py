@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grit_pipeline.plan import RunPlan, StagePlan
-from grit_pipeline.publish import PUBLISH, PublishReport
+from grit_pipeline.publish import PUBLISH
 from grit_pipeline.ray_runtime import Fit, Remote, failure_details, failure_message
 from grit_pipeline.rundir import shard_name
 from grit_pipeline.shard_work import ShardReport, StageSpec
@@ -111,7 +111,7 @@ class Scheduler:
     """Runs a plan to the end (or to a stop) and says what happened to every shard."""
 
     def __init__(self, plan: RunPlan, fit: Fit, specs: dict[str, StageSpec], *, publisher_args: tuple | None,
-                 progress: bool = True, on_event: Callable[[str, dict], None] | None = None):
+                 progress: bool = True, on_failure: Callable[[dict], None] | None = None):
         import ray
 
         self.ray = ray
@@ -119,13 +119,13 @@ class Scheduler:
         self.plan, self.fit, self.specs = plan, fit, specs
         self.stages = plan.stages
         self.rundir = plan.rundir
-        self.on_event = on_event or (lambda kind, info: None)
+        self.on_failure = on_failure or (lambda info: None)  # info: stage, shard, message, details
         self.outcomes = {s.name: StageOutcome(s.name, s.fingerprint, cached=list(s.cached)) for s in self.stages}
         self.failures: dict[int, ShardFailure] = {}
         self.stop_requested = False
         self.stop_deadline = float("inf")
         self.abort_requested = False
-        self.inflight: dict[Any, tuple[str, Any]] = {}  # ref -> (kind, context)
+        self.inflight: dict[Any, tuple[str, Any, bool]] = {}  # ref -> (kind, context, holds a task slot)
         self.tasks_running = 0
         self.parts_stage = next((s for s in self.stages if s.selected and s.resources.actor and s.has_prepare), None)
         if self.parts_stage is not None and not isinstance(self.parts_stage.execution, PreparedExecution):
@@ -133,7 +133,13 @@ class Scheduler:
                             "must derive from stages.base.PreparedExecution (queued_batches)")
         self.jobs: dict[int, _PartsJob] = {}
         self.bars: dict[str, Any] = {}
+        self.stage_named = {s.name: s for s in self.stages}
+        self.active: dict[int, _Flow] = {}
         self.flows = self._flows()
+        # flows in shard order not yet admitted (nor done), and admitted ones not yet done: what each pass
+        # of the loop looks at, so its cost follows the shards in flight, not the run's size
+        self.to_admit = [f for f in self.flows.values() if not f.done]
+        self.to_admit.reverse()  # popped from the end: lowest shard first
         self.pools = self._pools()
         selected = [s for s in self.stages if s.selected]
         # one shard per actor of the stages up to detect (each holds a shard while it works), plus the
@@ -144,7 +150,6 @@ class Scheduler:
             0 if self.parts_stage is not None else fit.task_slots)
         self.publisher = None
         self.published: list[int] = []
-        self.publish_failed: list[int] = []
         if publisher_args is not None:
             # every shard with a committed compose output is published (again, if a lower one changed)
             last = self.stages[-1]
@@ -185,15 +190,14 @@ class Scheduler:
             per_actor = ACTOR_QUEUE if s is self.parts_stage else 1
             pools[s.name] = _ActorPool([self._new_actor(s.name)], per_actor)
             if self.fit.stages[s.name].pool > 1:
-                self.inflight[pools[s.name].handles[0].ready.remote()] = ("ready", (s.name, False))
+                self._submit(pools[s.name].handles[0].ready.remote(), "ready", s.name)
         return pools
 
     def _new_actor(self, name: str) -> Any:
         place = self.fit.stages[name]
         return self.remote.stage_actor.options(num_cpus=place.cpus, num_gpus=place.gpus).remote(self.specs[name])
 
-    def _done_ready(self, ref: Any, ctx_task: tuple) -> None:
-        name, _ = ctx_task
+    def _done_ready(self, ref: Any, name: str) -> None:
         pool = self.pools[name]
         for _ in range(self.fit.stages[name].pool - len(pool.handles)):
             pool.handles.append(self._new_actor(name))
@@ -228,14 +232,16 @@ class Scheduler:
                 if ready:
                     ready, _ = self.ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
                 for ref in ready:
-                    kind, ctx = self.inflight.pop(ref)
+                    kind, ctx, task = self.inflight.pop(ref)
+                    if task:
+                        self.tasks_running -= 1
                     getattr(self, f"_done_{kind}")(ref, ctx)
         finally:
             for bar in self.bars.values():
                 bar.close()
 
     def _finished(self) -> bool:
-        return all(f.done for f in self.flows.values()) and self.publish_pos >= len(self.publish_queue)
+        return not self.to_admit and not self.active and self.publish_pos >= len(self.publish_queue)
 
     def _schedule_possible(self) -> bool:
         """Nothing in flight: make sure the loop is not stuck (it would be a bug); say why and stop."""
@@ -258,30 +264,29 @@ class Scheduler:
             self._start_jobs(parts)
             self._dispatch_parts(parts)
         for name, pool in self.pools.items():
-            if self.stages[self._index(name)] is not parts:
+            if self.stage_named[name] is not parts:
                 self._schedule_actor_shards(name, pool)
         self._schedule_tasks(parts)
-
-    def _index(self, name: str) -> int:
-        return next(s.index for s in self.stages if s.name == name)
 
     # --- admission -----------------------------------------------------------------------------------
     def _admit(self) -> None:
         bottleneck = self.parts_stage.index if self.parts_stage is not None else len(self.stages) - 1
-        active = sum(1 for f in self.flows.values() if f.admitted and not f.done and f.at <= bottleneck)
-        for flow in self.flows.values():  # shard order
-            if flow.admitted or flow.done:
+        active = sum(1 for f in self.active.values() if f.at <= bottleneck)
+        while self.to_admit:  # shard order
+            flow = self.to_admit[-1]
+            if flow.done:  # failed before it was admitted
+                self.to_admit.pop()
                 continue
-            if flow.at > bottleneck:  # only cheap stages left: no window
-                flow.admitted = True
-                continue
-            if active >= self.window:
+            cheap = flow.at > bottleneck  # only cheap stages left: no window
+            if not cheap and active >= self.window:
                 break
+            self.to_admit.pop()
             flow.admitted = True
-            active += 1
+            self.active[flow.shard] = flow
+            active += not cheap
 
     def _ready_flows(self, stage: StagePlan) -> list[_Flow]:
-        return [f for f in self.flows.values() if f.admitted and not f.busy and not f.done and f.at == stage.index]
+        return [f for f in self.active.values() if not f.busy and f.at == stage.index]
 
     # --- CPU tasks: one queue, by priority ---------------------------------------------------------
     def _schedule_tasks(self, parts: StagePlan | None) -> None:
@@ -315,15 +320,14 @@ class Scheduler:
                     self.specs[job.stage.name], job.flow.shard, job.loads[part])
                 job.loads[part] = None  # the task holds it now
                 job.next_prepare = part + 1
-                self.tasks_running += 1
-                self.inflight[ref] = ("prepared", ((job, part), True))
+                self._submit(ref, "prepared", (job, part), task=True)
 
     def _backlog(self, stage: StagePlan) -> int:
         """Shards an actor pool is working on or could start now."""
-        return sum(1 for f in self.flows.values() if f.admitted and not f.done and f.at == stage.index)
+        return sum(1 for f in self.active.values() if f.at == stage.index)
 
     def _schedule_actor_shards(self, name: str, pool: _ActorPool) -> None:
-        stage = self.stages[self._index(name)]
+        stage = self.stage_named[name]
         for flow in self._ready_flows(stage):
             i = pool.free()
             if i is None:
@@ -332,16 +336,15 @@ class Scheduler:
             self._submit(pool.handles[i].run_shard.remote(flow.shard), "report", (flow, name, (pool, i)))
 
     def _submit(self, ref: Any, kind: str, ctx: Any, task: bool = False) -> None:
+        """Track `ref` until it is ready, then `_done_<kind>(ref, ctx)`; a task holds one task slot."""
         if kind == "report":
             ctx[0].busy = True
         if task:
             self.tasks_running += 1
-        self.inflight[ref] = (kind, (ctx, task))
+        self.inflight[ref] = (kind, ctx, task)
 
-    def _done_report(self, ref: Any, ctx_task: tuple) -> None:
-        (flow, name, slot), task = ctx_task
-        if task:
-            self.tasks_running -= 1
+    def _done_report(self, ref: Any, ctx: tuple) -> None:
+        flow, name, slot = ctx
         if slot is not None:
             pool, i = slot
             pool.load[i] -= 1
@@ -354,7 +357,7 @@ class Scheduler:
         self._commit(flow, name, report)
 
     def _commit(self, flow: _Flow, name: str, report: ShardReport) -> None:
-        stage = self.stages[self._index(name)]
+        stage = self.stage_named[name]
         try:
             with_retries(lambda: self.rundir.write_marker(name, stage.fingerprint, flow.shard, report.marker()),
                          what=f"write the {name} marker of {shard_name(flow.shard)}")
@@ -365,21 +368,28 @@ class Scheduler:
         flow.rows[stage.index] = report.rows_out
         flow.at = stage.index + 1
         self.bars[name].update(1)
-        self.on_event("commit", {"stage": name, "shard": flow.shard, "rows_in": report.rows_in,
-                                 "rows_out": report.rows_out})
         if stage.index == len(self.stages) - 1:
             self.committed_last.add(flow.shard)
+        if flow.done:
+            self.active.pop(flow.shard, None)
 
     def _fail(self, flow: _Flow, stage: str, message: str, details: dict[str, Any] | None = None) -> None:
         flow.failed = True
         flow.busy = False
-        if flow.shard not in self.failures:
-            self.failures[flow.shard] = ShardFailure(stage, flow.shard, message, dict(details or {}))
+        self.active.pop(flow.shard, None)
+        if self._record_failure(stage, flow.shard, message, details):
             self.outcomes[stage].failed.append(flow.shard)
-            log.error("%s", self.failures[flow.shard])
-            self.on_event("failure", {"stage": stage, "shard": flow.shard, "message": message, **(details or {})})
         if stage in self.bars:
             self.bars[stage].set_postfix(failed=len(self.outcomes[stage].failed), refresh=False)
+
+    def _record_failure(self, stage: str, shard: int, message: str, details: dict[str, Any] | None) -> bool:
+        """The shard's first failure is kept, logged and reported; False if it had one already."""
+        if shard in self.failures:
+            return False
+        self.failures[shard] = ShardFailure(stage, shard, message, dict(details or {}))
+        log.error("%s", self.failures[shard])
+        self.on_failure({"stage": stage, "shard": shard, "message": message, **(details or {})})
+        return True
 
     # --- the stage in parts (detect) ---------------------------------------------------------------
     def _start_jobs(self, stage: StagePlan) -> None:
@@ -414,14 +424,14 @@ class Scheduler:
                 pool.load[i] += 1
                 call = pool.handles[i].process.remote(job.flow.shard, ref)
                 job.results[part] = call
-                self.inflight[call] = ("part", ((job, part, pool, i), False))
+                self._submit(call, "part", (job, part, pool, i))
 
     def _prepare_candidates(self, stage: StagePlan) -> list[tuple]:
         """The next parts to prepare, up to the bound on decoded parts waiting for the actors; urgent while
         the actors' queues could not be filled from what is prepared or preparing."""
         pool = self.pools[stage.name]
         jobs = [self.jobs[s] for s in sorted(self.jobs)]
-        waiting = sum(len(j.prepared) for j in jobs) + sum(1 for k, _ in self.inflight.values() if k == "prepared")
+        waiting = sum(len(j.prepared) for j in jobs) + sum(1 for k, *_ in self.inflight.values() if k == "prepared")
         free_queue = sum(pool.per_actor - n for n in pool.load)
         budget = len(pool.handles) * stage.execution.queued_batches + free_queue
         out = []
@@ -447,14 +457,13 @@ class Scheduler:
         flow.rows[prev] = int(marker["rows"])
         return flow.rows[prev]
 
-    def _done_prepared(self, ref: Any, ctx_task: tuple) -> None:
-        (job, part), _ = ctx_task
-        self.tasks_running -= 1
+    def _done_prepared(self, ref: Any, ctx: tuple) -> None:
+        job, part = ctx
         job.prepared.append((part, ref))
         job.prepared.sort(key=lambda p: p[0])
 
-    def _done_part(self, ref: Any, ctx_task: tuple) -> None:
-        (job, part, pool, i), _ = ctx_task
+    def _done_part(self, ref: Any, ctx: tuple) -> None:
+        job, part, pool, i = ctx
         pool.load[i] -= 1
         job.finished += 1
         if job.finished == len(job.results):
@@ -465,9 +474,7 @@ class Scheduler:
         ref = self.remote.write_parts.options(num_cpus=self.fit.task_cpus).remote(
             spec, job.flow.shard, job.rows_in, *job.results)
         del self.jobs[job.flow.shard]
-        self.tasks_running += 1
-        job.flow.busy = True
-        self.inflight[ref] = ("report", ((job.flow, job.stage.name, None), True))
+        self._submit(ref, "report", (job.flow, job.stage.name, None), task=True)
 
     # --- publishing ----------------------------------------------------------------------------------
     def _schedule_publish(self) -> None:
@@ -481,26 +488,16 @@ class Scheduler:
                 continue
             if shard not in self.committed_last:
                 return
-            ref = self.publisher.publish.remote(shard)
-            self.inflight[ref] = ("published", (shard, False))
+            self._submit(self.publisher.publish.remote(shard), "published", shard)
             self.publish_pos += 1
 
-    def _done_published(self, ref: Any, ctx_task: tuple) -> None:
-        shard, _ = ctx_task
+    def _done_published(self, ref: Any, shard: int) -> None:
         try:
-            report: PublishReport = self.ray.get(ref)
+            self.ray.get(ref)
         except Exception as e:  # noqa: BLE001
-            self.publish_failed.append(shard)
-            message = failure_message(e)
-            if shard not in self.failures:
-                self.failures[shard] = ShardFailure(PUBLISH, shard, message, failure_details(e))
-                log.error("%s", self.failures[shard])
-                self.on_event("failure", {"stage": PUBLISH, "shard": shard, "message": message,
-                                          **failure_details(e)})
+            self._record_failure(PUBLISH, shard, failure_message(e), failure_details(e))
             return
         self.published.append(shard)
-        self.on_event("published", {"shard": shard, "rows": report.rows_out, "duplicates": report.duplicates,
-                                    "reused": report.reused})
 
     # --- stopping ------------------------------------------------------------------------------------
     def request_stop(self, grace_s: float = float("inf")) -> None:

@@ -244,10 +244,11 @@ def run_shard(spec: StageSpec, stage: Stage, shard: int) -> ShardReport:
     step = max(n if spec.is_source or not spec.batch_rows else spec.batch_rows, 1)  # the source: whole
     parts: list[tuple[pa.Table, pa.Table]] = []
     counters: dict[str, int] = {}
+    prepared = stage.has_prepare()
     for start in range(0, max(n, 1), step):  # an empty input too: the stage says what its output holds
         piece = inp.slice(start, step)
         rows = np.arange(start, start + piece.num_rows)
-        if type(stage).prepare_batch is not Stage.prepare_batch:
+        if prepared:
             piece = prepare_part(spec, stage, shard, with_rows(piece, rows))
             out, rej, more, _ = process_part(spec, stage, shard, piece)
         else:

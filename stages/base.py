@@ -149,6 +149,11 @@ class Stage(ABC, Generic[ConfigT]):
         ahead of GPU actors). Its output is the input of `process_batch`; its rejects count for this stage."""
         return StageResult(table, REJECT_SCHEMA.empty_table())
 
+    @classmethod
+    def has_prepare(cls) -> bool:
+        """Whether the stage overrides `prepare_batch` (the engine then runs that step in CPU tasks)."""
+        return cls.prepare_batch is not Stage.prepare_batch
+
     @abstractmethod
     def process_batch(self, table: pa.Table) -> StageResult:
         """Turn one batch of input rows into output rows and rejects."""
