@@ -35,6 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from schemas.display import display_text
+
 METADATA_KEY = b"grit_pipeline"
 METADATA_FORMAT = 1
 SHARD_PATTERN = "shard-*.parquet"  # final shard names, relative to the card (both live in <run>/grit/)
@@ -188,27 +190,19 @@ def _language(config: Mapping[str, Any]) -> list[str]:
     return [code] if re.fullmatch(r"[a-z]{2,3}", code) and code != "xx" else []
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
 
 
-def _visible(text: str, keep_lines: bool = False) -> str:
-    """Control characters as escapes (newlines and tabs kept with `keep_lines`), so untrusted text cannot
-    rewrite the page it is shown on."""
-    pattern = _CONTROL_BUT_LINES if keep_lines else _CONTROL
-    return pattern.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-
-
 def _cell(value: Any) -> str:
-    """A value as Markdown table cell text: JSON for non-strings, special characters escaped."""
+    """A value as Markdown table cell text: JSON for non-strings, control, bidi and Markdown characters escaped."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", _visible(text))
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", display_text(text))
 
 
 def _code_block(text: str, lang: str = "") -> str:
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
-    return f"{fence}{lang}\n{_visible(text, keep_lines=True)}\n{fence}"
+    body = display_text(text, keep="\n\t")  # lines and tabs kept; other control and bidi characters escaped
+    return f"{fence}{lang}\n{body}\n{fence}"
 
 
 def _settings_table(section: Mapping[str, Any], keys: Sequence[str] | None = None) -> list[str]:
