@@ -180,12 +180,24 @@ class RunDir:
     # --- stage shards --------------------------------------------------------------------------------
     def committed(self, stage: str, fp: str) -> set[int]:
         """Shards of `stage` under fingerprint `fp` whose `_done` marker exists."""
-        self.fs.invalidate_cache(posixpath.join(self.stage_dir(stage, fp), DONE))
-        out = set()
-        for name in self._ls_names(posixpath.join(self.stage_dir(stage, fp), DONE)):
-            m = _SHARD_NAME.match(name)
-            if m:
-                out.add(int(m.group(1)))
+        return set(self.committed_times(stage, fp))
+
+    def committed_times(self, stage: str, fp: str) -> dict[int, float | None]:
+        """Committed shards of `stage` under `fp` -> commit time (the store-side mtime of the shard's `_done`
+        marker, epoch seconds; None where the store keeps none), from one listing of `_done/`."""
+        from grit_pipeline.conditional_write import entry_mtime  # it imports this module
+
+        done = posixpath.join(self.stage_dir(stage, fp), DONE)
+        self.fs.invalidate_cache(done)
+        try:
+            entries = self.fs.ls(done, detail=True)
+        except FileNotFoundError:
+            return {}
+        out: dict[int, float | None] = {}
+        for e in entries:
+            m = _SHARD_NAME.match(posixpath.basename(str(e["name"]).rstrip("/")))
+            if m and e.get("type", "file") == "file":
+                out[int(m.group(1))] = entry_mtime(e)
         return out
 
     def markers(self, stage: str, fp: str, shards: Iterable[int]) -> dict[int, dict[str, Any]]:

@@ -12,28 +12,24 @@ modification times, over the window or the time since the run started if shorter
 needs for its pending shards at that rate. The run's ETA is the slowest stage's. Also: final shards
 published, the latest failures, the log files, and the lease (holder, heartbeat age, live or not).
 
-Cheap on a run of thousands of shards on S3: one listing of `_done/` (with details) per stage, the
-markers read concurrently (`RunDir.cat_many`) and kept by `StatusReader` so that `--watch` reads only
-new ones, no Parquet. Times are the store's (`grit_pipeline.conditional_write`), so the reader's clock
-does not matter where the store reports its own.
+Cheap on a run of thousands of shards on S3: one listing of `_done/` (with details) per stage
+(`RunDir.committed_times`), the markers read concurrently (`RunDir.markers`) and kept by `StatusReader`
+so that `--watch` reads only new ones, no Parquet. Times are the store's (`grit_pipeline.conditional_write`),
+so the reader's clock does not matter where the store reports its own.
 """
 
 from __future__ import annotations
 
-import json
-import posixpath
-import re
 from typing import Any
 
 import yaml
 
 from grit_pipeline.conditional_write import entry_mtime
 from grit_pipeline.lease import lease_and_clock, utc_iso
-from grit_pipeline.rundir import DONE, RunDir
+from grit_pipeline.rundir import RunDir
 from grit_pipeline.runlog import log_files, read_failures
 from grit_pipeline.summary import NotARun
 
-_MARKER = re.compile(r"^shard-(\d+)$")
 LATEST_FAILURES = 5
 
 
@@ -56,27 +52,10 @@ class StatusReader:
                           "`grit run`") from None
         return yaml.safe_load(data) or {}, entry_mtime(info)
 
-    def _committed(self, stage: str, fp: str) -> dict[int, float | None]:
-        """shard -> commit time (its marker's mtime), from one listing of `_done/`."""
-        done = posixpath.join(self.rundir.stage_dir(stage, fp), DONE)
-        self.rundir.fs.invalidate_cache(done)
-        try:
-            entries = self.rundir.fs.ls(done, detail=True)
-        except FileNotFoundError:
-            return {}
-        out = {}
-        for e in entries:
-            m = _MARKER.match(posixpath.basename(str(e["name"]).rstrip("/")))
-            if m and e.get("type", "file") == "file":
-                out[int(m.group(1))] = entry_mtime(e)
-        return out
-
     def _read_markers(self, stage: str, fp: str, shards: list[int]) -> dict[int, dict[str, Any]]:
         new = [s for s in shards if (stage, fp, s) not in self._markers]
-        if new:
-            blobs = self.rundir.cat_many({s: self.rundir.marker_path(stage, fp, s) for s in new})
-            for s, b in blobs.items():
-                self._markers[(stage, fp, s)] = json.loads(b)
+        for s, marker in self.rundir.markers(stage, fp, new).items():
+            self._markers[(stage, fp, s)] = marker
         return {s: self._markers[(stage, fp, s)] for s in shards}
 
     def read(self, window_s: float = 600.0) -> dict[str, Any]:
@@ -92,7 +71,7 @@ class StatusReader:
         stages = []
         blocked: set[int] = set()  # failed at an earlier stage: never reaches the later ones
         for stage, fp in fingerprints.items():
-            committed = self._committed(stage, fp)
+            committed = self.rundir.committed_times(stage, fp)
             markers = self._read_markers(stage, fp, sorted(committed))
             failed = sorted({f["shard"] for f in failures if f.get("stage") == stage and isinstance(f.get("shard"), int)
                              and f.get("fingerprint") in (None, fp) and f["shard"] not in committed})
