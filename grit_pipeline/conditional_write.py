@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-import hashlib
 import logging
 import os
 import posixpath
@@ -44,7 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from grit_pipeline.rundir import RunDir
+from grit_pipeline.rundir import RunDir, sha256
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +77,6 @@ def entry_mtime(entry: dict[str, Any]) -> float | None:
             except ValueError:
                 continue
     return None
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _protocols(fs: Any) -> set[str]:
@@ -151,7 +146,7 @@ class LockedLocalFile(ConditionalFile):
                 mtime = os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None
-        return Stamped(data, _sha(data), mtime)
+        return Stamped(data, sha256(data), mtime)
 
     def _write(self, data: bytes) -> str:
         tmp = f"{self.local}.{uuid.uuid4().hex}.tmp"
@@ -160,7 +155,7 @@ class LockedLocalFile(ConditionalFile):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.local)
-        return _sha(data)
+        return sha256(data)
 
     def read(self) -> tuple[Stamped | None, float]:
         return self._current(), time.time()  # the local clock is the one that set the mtime
@@ -194,11 +189,11 @@ class CheckThenWriteFile(ConditionalFile):
     guarantee = ("best effort: check, write, read back after a settle; two writers racing within that "
                  "window are told apart at the next compare")
 
-    def __init__(self, rundir: RunDir, relpath: str, settle_s: float | None = None):
+    def __init__(self, rundir: RunDir, relpath: str):
         super().__init__(rundir, relpath)
         exact = "memory" in _protocols(self.fs)
         self.lock: Any = _MEMORY_LOCK if exact else contextlib.nullcontext()
-        self.settle_s = (0.0 if exact else SETTLE_S) if settle_s is None else settle_s
+        self.settle_s = 0.0 if exact else SETTLE_S
         if exact:
             self.guarantee = "exact within the one process that holds memory:// (a process-wide lock)"
 
@@ -209,7 +204,7 @@ class CheckThenWriteFile(ConditionalFile):
             info = self.fs.info(self.path)
         except FileNotFoundError:
             return None
-        return Stamped(data, _sha(data), entry_mtime(info))
+        return Stamped(data, sha256(data), entry_mtime(info))
 
     def read(self) -> tuple[Stamped | None, float]:
         return self._current(), time.time()

@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from grit_pipeline.conditional_write import ConditionalFile, Conflict, Stamped, conditional_file
-from grit_pipeline.rundir import RunDir
+from grit_pipeline.rundir import RunDir, json_bytes
 from schemas.display import display_text
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ HEARTBEAT_S = 30.0  # default refresh interval (at most a quarter of stale_after
 
 class LeaseHeld(RuntimeError):
     """Another live run holds the run directory; the message names it and its heartbeat's age."""
-
-    def __init__(self, message: str, holder: dict[str, Any]):
-        super().__init__(message)
-        self.holder = holder
 
 
 class LeaseLost(RuntimeError):
@@ -104,7 +100,7 @@ def _parse(data: bytes) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def _describe(doc: dict[str, Any]) -> str:
+def describe_holder(doc: dict[str, Any]) -> str:
     """'host H pid P (user U, command C, started S)', escaped for a terminal."""
     if not doc:
         return "an unreadable lease"
@@ -169,16 +165,14 @@ class Lease:
 
     # --- taking it -----------------------------------------------------------------------------------
     @classmethod
-    def acquire(cls, rundir: RunDir, *, stale_after_s: float, command: str,
-                heartbeat_s: float | None = None) -> Lease:
+    def acquire(cls, rundir: RunDir, *, stale_after_s: float, command: str) -> Lease:
         """Take the run directory's lease, or raise `LeaseHeld` naming the live holder."""
         file = conditional_file(rundir, LEASE_FILE)
         now = time.time()
         doc = {"host": socket.gethostname(), "pid": os.getpid(), "user": _user(), "command": command,
                "started": utc_iso(now), "heartbeat": utc_iso(now), "token": uuid.uuid4().hex,
-               "stale_after_s": float(stale_after_s),
-               "heartbeat_s": float(heartbeat_s or heartbeat_every(stale_after_s)), "pidns": _pid_namespace()}
-        data = _bytes(doc)
+               "stale_after_s": float(stale_after_s), "pidns": _pid_namespace()}
+        data = json_bytes(doc)
         for _ in range(5):  # each retry follows a change by another process: re-read and decide again
             try:
                 version = file.create(data)
@@ -194,17 +188,17 @@ class Lease:
             why = cls._takeover_reason(state, stale_after_s)
             if why is None:
                 raise LeaseHeld(
-                    f"{rundir.uri} is being written by another run: {_describe(state)}, "
-                    f"{_heartbeat_text(state)}. Wait for it to finish or stop it; a lease whose heartbeat is "
-                    f"older than {stale_after_s:g} s (run.lease_stale_s) is taken over.", state)
+                    f"{rundir.uri} is being written by another run: {describe_holder(state)}, "
+                    f"{heartbeat_text(state)}. Wait for it to finish or stop it; a lease whose heartbeat is "
+                    f"older than {stale_after_s:g} s (run.lease_stale_s) is taken over.")
             try:
                 version = file.replace(data, current.version)
             except Conflict:
                 continue
-            log.warning("%s: took over the lease of %s: %s", rundir.uri, _describe(state), why)
+            log.warning("%s: took over the lease of %s: %s", rundir.uri, describe_holder(state), why)
             return cls._taken(rundir, file, doc, version, stale_after_s)
         raise LeaseHeld(f"{rundir.uri}: the lease kept changing while taking it; another run is starting "
-                        "there", {})
+                        "there")
 
     @classmethod
     def _taken(cls, rundir: RunDir, file: ConditionalFile, doc: dict[str, Any], version: str,
@@ -216,7 +210,7 @@ class Lease:
     def _takeover_reason(state: dict[str, Any], stale_after_s: float) -> str | None:
         """Why a lease found in place may be taken over, or None if its holder counts as alive."""
         if state["age_s"] is None or state["age_s"] > stale_after_s:
-            return f"{_heartbeat_text(state)} (limit {stale_after_s:g} s)"
+            return f"{heartbeat_text(state)} (limit {stale_after_s:g} s)"
         pid, pidns = state.get("pid"), state.get("pidns")
         if (state.get("host") == socket.gethostname() and pidns and pidns == _pid_namespace()
                 and isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid)):
@@ -231,17 +225,17 @@ class Lease:
                 raise self.lost
             doc = {**self.doc, "heartbeat": utc_iso(time.time())}
             try:
-                self.version = self.file.replace(_bytes(doc), self.version)
+                self.version = self.file.replace(json_bytes(doc), self.version)
             except Conflict:
                 current, store_now = self.file.read()
                 if current is None or _parse(current.data).get("token") != self.token:
-                    what = (f"taken over; it is now held by {_describe(_lease_state(current, store_now))}"
+                    what = (f"taken over; it is now held by {describe_holder(_lease_state(current, store_now))}"
                             if current is not None else "removed by someone else")
                     self.lost = LeaseLost(f"{self.rundir.uri}: the lease was {what}. This run must stop writing "
                                           "there.")
                     raise self.lost from None
                 self.version = current.version  # our last write went through but its answer was lost
-                self.version = self.file.replace(_bytes(doc), self.version)
+                self.version = self.file.replace(json_bytes(doc), self.version)
             self.doc = doc
             self._last_ok = time.monotonic()
 
@@ -249,7 +243,7 @@ class Lease:
                         on_lost: Callable[[LeaseLost], None] | None = None) -> None:
         """Refresh the heartbeat in a daemon thread. If the lease is lost (taken over, or not refreshed for
         `stale_after_s` because the store kept failing), `lost` is set and `on_lost` is called once."""
-        every = every_s or float(self.doc.get("heartbeat_s") or heartbeat_every(self.stale_after_s))
+        every = every_s or heartbeat_every(self.stale_after_s)
 
         def loop() -> None:
             while not self._stop.wait(every):
@@ -297,7 +291,7 @@ class Lease:
                         self.file.delete(current.version)
                     elif current is not None:
                         log.warning("%s: not releasing the lease: it is held by %s now", self.rundir.uri,
-                                    _describe(_lease_state(current, store_now)))
+                                    describe_holder(_lease_state(current, store_now)))
             except (Conflict, OSError) as e:  # left in place, it goes stale and is taken over
                 log.warning("%s: could not release the lease (%s); it is taken over once %g s old",
                             self.rundir.uri, e, self.stale_after_s)
@@ -309,10 +303,6 @@ class Lease:
         self.release()
 
 
-def _bytes(doc: dict[str, Any]) -> bytes:
-    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
 def age_text(seconds: float) -> str:
     """12 s, 7 min, 3.5 h."""
     if seconds < 120:
@@ -322,6 +312,7 @@ def age_text(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _heartbeat_text(state: dict[str, Any]) -> str:
+def heartbeat_text(state: dict[str, Any]) -> str:
+    """'last heartbeat 12 s ago' (or 'no readable heartbeat') for a lease state with `age_s`."""
     age = state.get("age_s")
     return "no readable heartbeat" if age is None else f"last heartbeat {age_text(age)} ago"

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from grit_pipeline.lease import utc_iso
 from grit_pipeline.logs import SafeFormatter
 from grit_pipeline.rundir import RunDir
 
@@ -178,7 +179,7 @@ class FailureLog:
 
     def __init__(self, rundir: RunDir, started: datetime):
         self.rundir = rundir
-        self.run_start = started.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        self.run_start = utc_iso(started.timestamp())
         self._local = _local_path(rundir, FAILURES)
         self._lock = threading.Lock()
         self._text: str | None = None  # object stores: the object's content, read on the first record

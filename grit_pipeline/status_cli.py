@@ -15,7 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-RunArg = Annotated[str, typer.Argument(help="Run directory (local path or s3://...), the --output of `grit run`.")]
+from grit_pipeline.cli_options import RunArg
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the status as JSON (one object per line with --watch).")]
 WatchOpt = Annotated[float | None, typer.Option("--watch", min=0.5, metavar="SECONDS",
                                                 help="Refresh every SECONDS until Ctrl-C.")]
@@ -24,32 +25,14 @@ WindowOpt = Annotated[float, typer.Option("--window", min=1.0, metavar="SECONDS"
 MESSAGE_CHARS = 240
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = int(round(seconds))
-    d, rest = divmod(seconds, 86400)
-    h, rest = divmod(rest, 3600)
-    m, s = divmod(rest, 60)
-    if d:
-        return f"{d}d {h}h"
-    if h:
-        return f"{h}h {m:02d}m"
-    return f"{m}m {s:02d}s" if m else f"{s}s"
-
-
 def lease_line(lease: dict[str, Any] | None) -> str:
     """One line about the lease, escaped (its fields come from a file anyone with access could write)."""
-    from grit_pipeline.lease import age_text
+    from grit_pipeline.lease import describe_holder, heartbeat_text
     from schemas.display import display_text
 
     if lease is None:
         return "lease: none (no `grit run` is writing into this run directory)"
-    holder = f"host {lease.get('host', '?')} pid {lease.get('pid', '?')}"
-    if lease.get("command"):
-        holder += f" ({lease['command']})"
-    age = lease.get("age_s")
-    beat = "no readable heartbeat" if age is None else f"heartbeat {age_text(age)} ago"
+    holder, beat = describe_holder(lease), heartbeat_text(lease)
     if lease.get("live"):
         return display_text(f"lease: held by {holder}, {beat}")
     return display_text(f"lease: stale, {beat} by {holder}: that run crashed or was killed; the next "
@@ -62,12 +45,16 @@ def render(status: dict[str, Any]):
     from rich.table import Table
     from rich.text import Text
 
+    from grit_pipeline.lease import age_text
     from schemas.display import display_text
 
     def num(v: Any) -> str:
         return "-" if v is None else f"{v:,}"
 
-    window = _duration(status["window_s"])
+    def duration(seconds: float | None) -> str:
+        return "unknown" if seconds is None else age_text(seconds)
+
+    window = duration(status["window_s"])
     table = Table(title=Text(display_text(f"{status['run']}  at {status['now']}")), title_justify="left")
     for col in ("stage", "committed", "failed", "pending", "rows in", "rows out", f"shards/min ({window})",
                 "rows/min", "ETA"):
@@ -76,12 +63,12 @@ def render(status: dict[str, Any]):
         table.add_row(Text(display_text(s["stage"])), num(s["committed"]),
                       Text(num(s["failed"]), style="red" if s["failed"] else ""), num(s["pending"]),
                       num(s["rows_in"]), num(s["rows_out"]), f"{s['shards_per_min']:.2f}", f"{s['rows_per_min']:,.0f}",
-                      "-" if not s["pending"] else _duration(s["eta_s"]))
+                      "-" if not s["pending"] else duration(s["eta_s"]))
     planned = status["planned_shards"]
     parts: list[Any] = [Text(lease_line(status["lease"])), table,
                         Text(f"final shards published: {status['final_shards']:,}"
                              + (f" of {planned:,} planned" if planned is not None else "")
-                             + (f"; ETA {_duration(status['eta_s'])}" if status["eta_s"] else ""))]
+                             + (f"; ETA {duration(status['eta_s'])}" if status["eta_s"] else ""))]
     if status["failures"]:
         parts.append(Text(f"{status['failures']:,} shard failure(s) recorded; the latest:", style="red"))
         for f in status["latest_failures"]:
