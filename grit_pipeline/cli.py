@@ -17,12 +17,13 @@ import importlib.util
 import json
 import logging
 import sys
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
+from grit_pipeline.cli_options import JsonOpt
 from schemas.location import LocationEncoder
-from stages.registry import STAGE_ORDER
+from stages.registry import StageName
 
 app = typer.Typer(
     name="grit",
@@ -36,10 +37,9 @@ app = typer.Typer(
 COMMAND_MODULES = ("grit_pipeline.report.commands", "grit_pipeline.train.commands", "grit_pipeline.download",
                    "grit_pipeline.status_cli")
 
-StageName = Literal[STAGE_ORDER]  # a choice of the stage names, in pipeline order
-
 # Options shared by several commands; the trainer's and the report's commands use the same flag names
-# (`--config/-c`, `--out/--output/-o`, `--json`, `--seed`, `--sample/-n`).
+# (`--config/-c`, `--out/--output/-o`, `--json`, `--seed`, `--sample/-n`); `--json` and the run directory
+# argument are defined once for all of them in `grit_pipeline.cli_options`.
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config; stage defaults without one.")]
 InputOpt = Annotated[str | None, typer.Option("--input", "-i", help="Source URI (img2dataset folder, Parquet, ...).")]
 OutputOpt = Annotated[str, typer.Option("--output", "--out", "-o",
@@ -50,7 +50,6 @@ LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="Only the f
 ShardsOpt = Annotated[str | None, typer.Option("--shards", help="Source shards to process, e.g. 0-9,12.")]
 FromOpt = Annotated[StageName | None, typer.Option("--from", help="First stage to run (earlier ones must be cached).")]
 ToOpt = Annotated[StageName | None, typer.Option("--to", help="Last stage to run.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]
 
 
 def _print_version(value: bool) -> None:
@@ -114,9 +113,10 @@ def run(
     from grit_pipeline.config import ConfigError
     from grit_pipeline.engine import PlanError, build_plan, execute, shards_of
     from grit_pipeline.logs import basic_config  # escapes control characters in log lines
+    from grit_pipeline.runlog import LOG_FORMAT
     from schemas.display import display_text
 
-    basic_config(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    basic_config(level=logging.INFO, format=LOG_FORMAT)
     try:
         cfg = _load(config, overrides, address, num_cpus, no_progress)
         plan = build_plan(cfg, input_uri=input, output_uri=output, shards=shards, limit=limit,

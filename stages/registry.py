@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # stages.base imports pyarrow; the CLI reads STAGE_ORDER at start-up
     from stages.base import Stage
 
 STAGE_ORDER: tuple[str, ...] = ("ingest", "chunks", "detect", "select", "compose")
+StageName = Literal[STAGE_ORDER]  # a choice of the stage names, in pipeline order (CLI options)
 
 _CLASSES = {
     "ingest": "stages.ingest:IngestStage",

@@ -6,15 +6,14 @@ the commands, so registering them costs `grit --help` nothing.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from stages.registry import STAGE_ORDER
-
-StageName = Literal[STAGE_ORDER]
+from grit_pipeline.cli_options import RunArg
+from stages.registry import StageName
 
 
 def _fail(console: Console, message: str) -> None:
@@ -23,7 +22,7 @@ def _fail(console: Console, message: str) -> None:
 
 
 def report_command(
-    run: Annotated[str, typer.Argument(help="Run directory (local path or s3://...), the --output of `grit run`.")],
+    run: RunArg,
     sample: Annotated[int, typer.Option("--sample", "-n", min=0, help="Rows shown in the gallery.")] = 12,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the gallery sample (same seed, same rows).")] = 0,
     examples: Annotated[int, typer.Option("--examples", min=0,

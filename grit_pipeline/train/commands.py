@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from grit_pipeline.cli_options import JsonOpt
 from grit_pipeline.train.choices import DEVICES, ExportFormat, check_device
 
 console = Console()
@@ -32,7 +33,6 @@ DEVICE = typer.Option("--device", parser=_device, metavar="|".join(DEVICES),
                       help="auto: the GPU when CUDA is available, else the CPU.")
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads; 0: torch's default (one "
                                                                   "per core). 1 suits the default model.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]
 
 
 def _print(result: dict, title: str, as_json: bool = False) -> None:
