@@ -126,11 +126,12 @@ def test_report_links_the_logs_and_the_failures(tmp_path):
     _logger(handler).info("run started")
     handler.close()
     FailureLog(rundir, STARTED).record(**FAILURE)
-    FailureLog(rundir, STARTED).record(stage="detect", shard=8, message="second")
+    FailureLog(rundir, STARTED).record(stage="detect", shard=8, message="second <b>not bold</b>")
     build_report(str(run.root), ReportOptions(sample=2))
     html = empty.read_text()
     assert 'href="../logs/20310506T070809Z.log"' in html and 'href="../failures.jsonl"' in html
     assert 'data-failures="2"' in html and 'data-stage="detect" data-count="2"' in html
     assert 'data-shard="7"' in html and 'data-shard="8"' in html
-    assert "\x1b" not in html and "\\x1b[31mred" in html and "&lt;" not in FAILURE["message"]
+    assert "\x1b" not in html and "\\x1b[31mred" in html
+    assert "second &lt;b&gt;not bold&lt;/b&gt;" in html and "<b>not bold" not in html  # HTML-escaped
     assert (run.root / "logs" / "20310506T070809Z.log").exists()  # the link points at a real file
