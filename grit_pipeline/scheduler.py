@@ -97,13 +97,24 @@ class _PartsJob:
 
 
 class _ActorPool:
-    def __init__(self, handles: list[Any], per_actor: int):
-        self.handles = handles
-        self.load = [0] * len(handles)
+    """A stage's actors, their queued calls, and which of them may take work: the first from the start
+    (Ray queues its calls while it loads), the others once they have loaded their model, so no shard
+    waits in the queue of an actor still loading while a loaded one could take it."""
+
+    def __init__(self, first: Any, per_actor: int):
+        self.handles = [first]
+        self.load = [0]
+        self.ready = [True]
         self.per_actor = per_actor
 
+    def add(self, handle: Any) -> int:
+        self.handles.append(handle)
+        self.load.append(0)
+        self.ready.append(False)
+        return len(self.handles) - 1
+
     def free(self) -> int | None:
-        best = min(range(len(self.handles)), key=lambda i: self.load[i], default=None)
+        best = min((i for i in range(len(self.handles)) if self.ready[i]), key=lambda i: self.load[i], default=None)
         return best if best is not None and self.load[best] < self.per_actor else None
 
 
@@ -188,20 +199,30 @@ class Scheduler:
                                                                  if not f.failed):
                 continue
             per_actor = ACTOR_QUEUE if s is self.parts_stage else 1
-            pools[s.name] = _ActorPool([self._new_actor(s.name)], per_actor)
+            pools[s.name] = _ActorPool(self._new_actor(s.name), per_actor)
             if self.fit.stages[s.name].pool > 1:
-                self._submit(pools[s.name].handles[0].ready.remote(), "ready", s.name)
+                self._submit(pools[s.name].handles[0].ready.remote(), "ready", (s.name, 0))
         return pools
 
     def _new_actor(self, name: str) -> Any:
         place = self.fit.stages[name]
         return self.remote.stage_actor.options(num_cpus=place.cpus, num_gpus=place.gpus).remote(self.specs[name])
 
-    def _done_ready(self, ref: Any, name: str) -> None:
+    def _done_ready(self, ref: Any, ctx: tuple[str, int]) -> None:
+        name, i = ctx
         pool = self.pools[name]
-        for _ in range(self.fit.stages[name].pool - len(pool.handles)):
-            pool.handles.append(self._new_actor(name))
-            pool.load.append(0)
+        if i == 0:  # the first actor has loaded: start the others
+            for _ in range(self.fit.stages[name].pool - len(pool.handles)):
+                handle = self._new_actor(name)
+                self._submit(handle.ready.remote(), "ready", (name, pool.add(handle)))
+            return
+        try:
+            self.ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - the pool goes on without it
+            log.warning("stage %s: an extra actor failed to start (%s); going on with %d", name,
+                        failure_message(e), sum(pool.ready))
+            return
+        pool.ready[i] = True
 
     def _bars(self, progress: bool) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -298,7 +319,7 @@ class Scheduler:
             return
         candidates: list[tuple] = []
         starving = {s.index for s in self.stages if s.name in self.pools and s is not parts
-                    and self._backlog(s) < len(self.pools[s.name].handles)}
+                    and self._backlog(s) < sum(self.pools[s.name].ready)}
         for s in self.stages:
             if s.selected and not s.resources.actor:
                 tier = 0 if s.index + 1 in starving else 1
@@ -432,7 +453,7 @@ class Scheduler:
         pool = self.pools[stage.name]
         jobs = [self.jobs[s] for s in sorted(self.jobs)]
         waiting = sum(len(j.prepared) for j in jobs) + sum(1 for k, *_ in self.inflight.values() if k == "prepared")
-        free_queue = sum(pool.per_actor - n for n in pool.load)
+        free_queue = sum(pool.per_actor - n for n, ready in zip(pool.load, pool.ready, strict=True) if ready)
         budget = len(pool.handles) * stage.execution.queued_batches + free_queue
         out = []
         for job in jobs:

@@ -23,10 +23,12 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 class SlowDetect(DetectStage):
-    """The real detect stage, 0.2 s slower per batch (test-only, shipped to workers by value)."""
+    """The real detect stage, 0.5 s slower per batch (test-only, shipped to workers by value): 2.5 s per
+    shard, so detect dominates even while the first select task starts its worker (torch import) and the
+    second spaCy actor loads its model on a 2-core machine."""
 
     def process_batch(self, table):
-        time.sleep(0.2)
+        time.sleep(0.5)
         return super().process_batch(table)
 
 
