@@ -18,10 +18,11 @@ span). Containment is decided first, over all expressions; crossings are resolve
 the filter off, the noun-chunk spans are tagged instead (they never nest; the same overlap rule guards it).
 
 Every written caption is parsed back; a row whose views do not give back exactly its caption and spans is
-rejected (`unsafe_caption`) rather than emitted. Bad pairs (chunk index out of range, a box or score that
-fails `schemas.boxes.check_boxes`, checked for the whole batch at once; corners within its float-noise
-tolerance are clipped into [0, 1]) reject the row with `bad_detection`; chunks whose
-offsets do not fit the caption with `bad_chunk`; a row without pairs with `no_box`. Other rows are untouched.
+rejected (`unsafe_caption`) rather than emitted. Bad pairs (a null pair or chunk index, a chunk index out
+of range, a box or score that fails `schemas.boxes.check_boxes`, checked for the whole batch at once; corners
+within its float-noise tolerance are clipped into [0, 1]) reject the row with `bad_detection`; null chunks
+and chunks whose offsets are null or do not fit the caption with `bad_chunk`; a row without pairs with
+`no_box`. Other rows are untouched.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from schemas.boxes import BoxCheck, check_boxes
@@ -48,6 +48,7 @@ from schemas.location import encode_box
 from schemas.rows import RejectReason
 from schemas.tables import GRIT_FIELDS, GRIT_SCHEMA, INGEST_COLUMNS, PRODUCED_COLUMNS, SOURCE_PREFIX
 from stages.base import Execution, Stage, StageConfig, StageResult
+from stages.list_columns import ListEntries
 
 
 class ComposeConfig(StageConfig):
@@ -135,6 +136,9 @@ class ComposeStage(Stage[ComposeConfig]):
 
         entries = []  # (sort key, chunk, box, score)
         for p, pair in enumerate(pairs):
+            if pair is None or pair["chunk"] is None:
+                raise _Reject(RejectReason.BAD_DETECTION, f"pair {p} is null" if pair is None
+                              else f"pair {p} has a null chunk index")
             c = pair["chunk"]
             if not 0 <= c < len(chunks):
                 raise _Reject(RejectReason.BAD_DETECTION, f"pair {p} refers to chunk {c}; the row has {len(chunks)}")
@@ -190,13 +194,16 @@ class ComposeStage(Stage[ComposeConfig]):
                 for s, e in sorted(accepted)]
 
     @staticmethod
-    def _check_chunk(chunk: dict, index: int, n: int) -> dict:
+    def _check_chunk(chunk: dict | None, index: int, n: int) -> dict:
+        if chunk is None:
+            raise _Reject(RejectReason.BAD_CHUNK, f"chunk {index} is null")
         s, e, xs, xe = chunk["start"], chunk["end"], chunk["expr_start"], chunk["expr_end"]
+        if None in (s, e, xs, xe):
+            raise _Reject(RejectReason.BAD_CHUNK, f"chunk {index} has a null offset")
         if not (0 <= s < e <= n and 0 <= xs <= s and e <= xe <= n):
             raise _Reject(RejectReason.BAD_CHUNK, f"chunk {index} [{s}, {e}) with expression [{xs}, {xe}) does not "
                           f"fit a caption of {n} chars")
         return chunk
-
 
 
 def _check_pairs(table: pa.Table) -> tuple[BoxCheck, np.ndarray]:
@@ -204,14 +211,7 @@ def _check_pairs(table: pa.Table) -> tuple[BoxCheck, np.ndarray]:
     n = table.num_rows
     if "pairs" not in table.column_names:
         return check_boxes(np.zeros((0, 4)), np.zeros(0)), np.zeros(n, np.int64)
-    lists = table["pairs"].combine_chunks()
-    values = lists.flatten()  # honours slicing offsets and skips null lists
-
-    def field(name: str) -> np.ndarray:
-        arr = pc.fill_null(pc.struct_field(values, name).cast(pa.float64()), np.nan)
-        return arr.to_numpy(zero_copy_only=False)
-
-    xyxy = np.stack([field(k) for k in ("x1", "y1", "x2", "y2")], axis=1).reshape(-1, 4)
-    per_row = np.bincount(pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64),
-                          minlength=n)
-    return check_boxes(xyxy, field("score")), np.r_[0, np.cumsum(per_row)[:-1]].astype(np.int64)
+    pairs = ListEntries.of(table["pairs"])
+    xyxy = np.stack([pairs.field(k) for k in ("x1", "y1", "x2", "y2")], axis=1).reshape(-1, 4)
+    per_row = np.bincount(pairs.row, minlength=n)
+    return check_boxes(xyxy, pairs.field("score")), np.r_[0, np.cumsum(per_row)[:-1]].astype(np.int64)

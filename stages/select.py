@@ -57,6 +57,7 @@ from schemas.boxes import BOX_PROBLEMS, BoxCheck, check_boxes
 from schemas.rows import RejectReason
 from schemas.tables import PAIR_TYPE, SELECT_SCHEMA
 from stages.base import Execution, Stage, StageConfig, StageResult
+from stages.list_columns import ListEntries
 
 # NMS runs over blocks of whole images of at most this many boxes: torchvision's batched_nms offsets the
 # boxes of each image apart (one nms call per block) up to 1,000 boxes on CPU and loops per image above
@@ -150,7 +151,6 @@ class SelectStage(Stage[SelectConfig]):
     def _steps(self, c: _Candidates) -> _Steps:
         cfg = self.config
         valid = c.valid()
-        c.clip_corners()
         assigned = valid & (c.chunk >= 0)
         above = assigned & (c.score > np.float32(cfg.min_score))
         area_ok = above
@@ -222,62 +222,57 @@ class _Candidates:
     row: np.ndarray
     box: np.ndarray
     chunk: np.ndarray
-    x1: np.ndarray
+    x1: np.ndarray  # corners clipped by `box_check` (within BOX_TOLERANCE of [0, 1]; NaN stays NaN)
     y1: np.ndarray
     x2: np.ndarray
     y2: np.ndarray
     score: np.ndarray  # float32, as stored
     null_list: np.ndarray  # per input row: candidates is null
     n_chunks: np.ndarray | None  # per input row, when the batch has `chunks`
+    box_check: BoxCheck  # of the corners as given and the scores
 
     @classmethod
     def from_table(cls, table: pa.Table) -> _Candidates:
-        lists = table["candidates"].combine_chunks()
-        values = lists.flatten()  # honours slicing offsets and skips null lists
-
-        def field(name: str, dtype, null) -> np.ndarray:
-            arr = pc.fill_null(pc.struct_field(values, name).cast(pa.float64()), null)
-            return arr.to_numpy(zero_copy_only=False).astype(dtype)
-
+        cands = ListEntries.of(table["candidates"])
+        score = cands.field("score").astype(np.float32)
+        # one box check, of the corners as given; the candidates carry its clipped corners from here on
+        box_check = check_boxes(np.stack([cands.field(k) for k in ("x1", "y1", "x2", "y2")], axis=1), score)
+        x1, y1, x2, y2 = (np.ascontiguousarray(col) for col in box_check.clipped.T)
         n_chunks = None
         if "chunks" in table.column_names:
             n_chunks = _filled(pc.list_value_length(table["chunks"]), 0).astype(np.int64)
         return cls(
-            row=pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64),
-            box=field("box", np.int64, -1.0),
-            chunk=field("chunk", np.int64, -2.0),
-            x1=field("x1", np.float64, np.nan), y1=field("y1", np.float64, np.nan),
-            x2=field("x2", np.float64, np.nan), y2=field("y2", np.float64, np.nan),
-            score=field("score", np.float32, np.nan),
-            null_list=_filled(pc.is_null(lists), True).astype(bool),
+            row=cands.row,
+            box=cands.field("box", -1.0).astype(np.int64),
+            chunk=cands.field("chunk", -2.0).astype(np.int64),
+            x1=x1, y1=y1, x2=x2, y2=y2,
+            score=score,
+            null_list=_filled(pc.is_null(cands.lists), True).astype(bool),
             n_chunks=n_chunks,
+            box_check=box_check,
         )
 
     @cached_property
-    def problems(self) -> dict[str, np.ndarray]:
-        """Each malformation check as a boolean mask over candidates (True = this problem), worded as in
-        `schemas.boxes.BOX_PROBLEMS` for the box and score checks."""
-        boxes = self.box_check
-        out = {BOX_PROBLEMS[name]: mask for name, mask in boxes.problems.items()}
-        out["negative box id"] = self.box < 0
-        out["chunk index below -1"] = self.chunk < -1
+    def index_problems(self) -> dict[str, np.ndarray]:
+        """The checks of box id and chunk index, each as a boolean mask over candidates (True = problem)."""
+        out = {"negative box id": self.box < 0, "chunk index below -1": self.chunk < -1}
         if self.n_chunks is not None:
             out["chunk index past the row's chunks"] = self.chunk >= self.n_chunks[self.row]
         return out
 
     @cached_property
-    def box_check(self) -> BoxCheck:
-        return check_boxes(np.stack([self.x1, self.y1, self.x2, self.y2], axis=1), self.score)
-
-    def clip_corners(self) -> None:
-        """Replace the corners by the box check's clipped ones (within BOX_TOLERANCE of [0, 1])."""
-        self.x1, self.y1, self.x2, self.y2 = (np.ascontiguousarray(c) for c in self.box_check.clipped.T)
+    def problems(self) -> dict[str, np.ndarray]:
+        """Each malformation check as a boolean mask over candidates (True = this problem), worded as in
+        `schemas.boxes.BOX_PROBLEMS` for the box and score checks."""
+        return {**{BOX_PROBLEMS[name]: mask for name, mask in self.box_check.problems.items()},
+                **self.index_problems}
 
     def valid(self) -> np.ndarray:
-        bad = np.zeros(len(self.row), dtype=bool)
-        for mask in self.problems.values():
-            bad |= mask
-        return ~bad
+        """(n,) bool: the candidate has none of `problems`."""
+        ok = self.box_check.ok.copy()
+        for mask in self.index_problems.values():
+            ok &= ~mask
+        return ok
 
     def rank_order(self, idx: np.ndarray) -> np.ndarray:
         """`idx` sorted by row, then score desc, then corners, box id and chunk (the tie-break rule)."""

@@ -319,3 +319,26 @@ def test_config_and_registry():
     with pytest.raises(ValueError):
         ComposeConfig(containment_filtr=False)
     assert "box_tolerance" not in ComposeConfig.model_fields  # one tolerance for every checker: schemas.boxes
+
+
+def test_null_pair_or_chunk_entries_reject_only_their_row():
+    good = [{**PAPER, "key": "paper", "id": 1},
+            {**GOOD, "key": "sofa", "id": 2, "pairs": [pair(0, DOG_BOX, 0.9), pair(1, FIELD_BOX, 0.8)]}]
+    ok = {**GOOD, "pairs": [pair(0, DOG_BOX, 0.9)]}
+    bad = [
+        {**ok, "key": "null_pair", "pairs": [pair(0, DOG_BOX, 0.9), None]},
+        {**ok, "key": "null_chunk_index", "pairs": [pair(0, DOG_BOX, 0.9), {**pair(1, DOG_BOX, 0.8), "chunk": None}]},
+        {**ok, "key": "null_chunk", "chunks": [None, chunk(9, 15)]},
+        {**ok, "key": "null_offset", "chunks": [{**chunk(0, 5, 0, 15), "expr_end": None}, chunk(9, 15)]},
+    ]
+    alone, no_rejects = run(good)
+    assert no_rejects.num_rows == 0
+    out, rejects = run([good[0], bad[0], bad[1], good[1], bad[2], bad[3]])
+    assert out.to_pylist() == alone.to_pylist()
+    assert rejects.to_pylist() == [
+        {"key": "null_pair", "stage": "compose", "reason": "bad_detection", "detail": "pair 1 is null"},
+        {"key": "null_chunk_index", "stage": "compose", "reason": "bad_detection",
+         "detail": "pair 1 has a null chunk index"},
+        {"key": "null_chunk", "stage": "compose", "reason": "bad_chunk", "detail": "chunk 0 is null"},
+        {"key": "null_offset", "stage": "compose", "reason": "bad_chunk", "detail": "chunk 0 has a null offset"},
+    ]

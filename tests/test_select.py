@@ -223,6 +223,14 @@ def test_unassigned_only_and_empty_and_null_candidates():
     assert rejects["null"] == ("bad_detection", "candidates is null")
 
 
+def test_a_null_candidate_entry_is_malformed_and_its_neighbours_kept():
+    good = {"a": [cand(0, 0, .1, .1, .5, .5, .9), cand(1, 1, .6, .6, .9, .9, .8)], "c": [cand(0, 0, .1, .1, .5, .5, .9)]}
+    pairs, rejects = run({"a": [good["a"][0], None, good["a"][1]], "b": [None], "c": good["c"]})
+    assert (pairs, {}) == run(good)
+    reason, detail = rejects["b"]
+    assert reason == "bad_detection" and detail.startswith("all 1 candidates malformed (first: box -1 chunk -2: ")
+
+
 @pytest.mark.parametrize("bad, problem", [
     (cand(0, 0, float("nan"), .1, .5, .5, .9), "non-finite corner"),
     (cand(0, 0, .1, .1, float("inf"), .5, .9), "non-finite corner"),
