@@ -25,16 +25,20 @@ T = TypeVar("T")
 ATTEMPTS = 4  # tries in all; with BASE_DELAY 0.5 s the waits are about 0.5, 1 and 2 s
 BASE_DELAY = 0.5
 MAX_DELAY = 8.0
+# OSError(errno, ...) with ENOENT, EISDIR, ENOTDIR, EACCES/EPERM or EEXIST is created as one of these
 PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
-# OSErrors that waiting does not cure: a full disk or quota, a read-only filesystem, a bad name
-PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
-                              errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EINVAL, errno.ENAMETOOLONG})
-# Names of exception types (without importing botocore/aiohttp here) that object stores raise transiently.
+# other OSErrors that waiting does not cure: a full disk or quota, a read-only filesystem, a bad name or
+# argument (s3fs raises most S3 4xx codes as OSError(EINVAL): a malformed request, an invalid bucket name)
+PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL})
+# Names of exception types (without importing botocore/aiohttp here) that object stores raise transiently,
+# and S3 error codes of transient failures; IncompleteBody and BadDigest are transfers damaged on the way
+# (s3fs raises them as OSError(EINVAL) from the botocore error, which carries the code).
 TRANSIENT_NAMES = frozenset({
     "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
     "ClientPayloadError", "ServerDisconnectedError", "ServerTimeoutError", "ClientOSError",
     "ResponseStreamingError", "IncompleteReadError", "ProtocolError", "SlowDown", "Throttling",
     "ThrottlingException", "RequestTimeout", "ServiceUnavailable", "InternalError",
+    "IncompleteBody", "BadDigest",
 })
 
 
@@ -43,26 +47,29 @@ class TransientIOError(OSError):
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: timeouts, connection drops, throttling, other non-permanent OSErrors."""
-    if isinstance(exc, PERMANENT) or (isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS):
+    """True for errors worth retrying: timeouts, connection drops, throttling, damaged transfers, other
+    non-permanent OSErrors."""
+    if isinstance(exc, (PERMANENT, TransientIOError)):  # TransientIOError: already retried
         return False
-    if isinstance(exc, TransientIOError):
-        return False  # already retried
+    code = _error_code(exc)
+    if code is not None and (code in TRANSIENT_NAMES or code in ("500", "502", "503", "504")):
+        return True  # before the errno test: s3fs raises e.g. IncompleteBody as OSError(EINVAL)
+    if isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS:
+        return False
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
     for cls in type(exc).__mro__:
         if cls.__name__ in TRANSIENT_NAMES:
             return True
-    code = _error_code(exc)
-    if code is not None and (code in TRANSIENT_NAMES or code in ("500", "502", "503", "504")):
-        return True
     return isinstance(exc, OSError)
 
 
 def _error_code(exc: BaseException) -> str | None:
-    response = getattr(exc, "response", None)  # botocore ClientError
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", "")) or None
+    """The S3 error code of a botocore ClientError, or of the one an s3fs OSError was raised from."""
+    for e in (exc, exc.__cause__ if isinstance(exc, OSError) else None):
+        response = getattr(e, "response", None)  # botocore ClientError
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", "")) or None
     return None
 
 

@@ -50,3 +50,31 @@ def test_object_store_throttling_is_transient():
     assert not is_transient(ClientError("NoSuchKey"))
     assert is_transient(OSError(5, "I/O error")) and not is_transient(IsADirectoryError("dir"))
     assert not is_transient(OSError(28, "No space left on device"))  # a full disk does not empty itself
+
+
+def test_a_damaged_s3_transfer_is_retried_and_other_invalid_requests_are_not():
+    import errno
+
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    def s3_error(code: str) -> OSError:
+        return translate_boto_error(ClientError({"Error": {"Code": code, "Message": code}}, "PutObject"))
+
+    damaged = s3_error("IncompleteBody")
+    assert type(damaged) is OSError and damaged.errno == errno.EINVAL  # as s3fs raises it
+    for code in ("IncompleteBody", "BadDigest"):
+        fn = Flaky(1, s3_error(code))
+        assert with_retries(fn, what="write s3://b/x", sleep=lambda s: None) == "data" and fn.calls == 2
+    fn = Flaky(1, s3_error("InvalidBucketName"))
+    with pytest.raises(OSError, match="InvalidBucketName"):
+        with_retries(fn, what="write s3://b/x", sleep=lambda s: None)
+    assert fn.calls == 1
+
+
+@pytest.mark.parametrize("name", ["ENOENT", "EISDIR", "ENOTDIR", "EEXIST", "EACCES", "EPERM", "ENOSPC", "EDQUOT",
+                                  "EROFS", "ENAMETOOLONG", "EINVAL"])
+def test_an_oserror_with_a_permanent_errno_is_not_retried(name):
+    import errno
+
+    assert not is_transient(OSError(getattr(errno, name), name))  # the first six: OSError makes them subclasses
