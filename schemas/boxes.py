@@ -7,7 +7,7 @@ row model `schemas.rows.SpanBox` and through it `grit validate`. One tolerance f
 transform and is clipped into [0, 1]; farther is an error. There is no per-stage setting, so a box that one
 stage accepts is never refused by the next one.
 
-Problems, in the order they are reported (a box can have several; `first_problem` names the first):
+Problems, in the order they are reported (a box can have several; `BoxCheck.describe` names them in order):
   non_finite          a corner is NaN or infinite
   box_out_of_range    a corner is farther than BOX_TOLERANCE outside [0, 1]
   box_inverted        after clipping, x1 >= x2 or y1 >= y2 (inverted or empty)
@@ -47,21 +47,17 @@ class BoxCheck:
             bad |= mask
         return ~bad
 
-    def first_problem(self, i: int) -> str | None:
-        """The first problem of box `i` (a BOX_PROBLEMS name), or None when it is valid."""
-        return next((name for name, mask in self.problems.items() if mask[i]), None)
-
     def describe(self, i: int) -> str:
         """All problems of box `i` in words (empty when it is valid)."""
         return ", ".join(BOX_PROBLEMS[name] for name, mask in self.problems.items() if mask[i])
 
 
-def check_boxes(xyxy, scores=None, tolerance: float = BOX_TOLERANCE) -> BoxCheck:
+def check_boxes(xyxy, scores=None) -> BoxCheck:
     """Check n boxes given as an (n, 4) array of normalized x1, y1, x2, y2 (and optionally n scores)."""
     xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
     with np.errstate(invalid="ignore"):
         finite = np.isfinite(xyxy).all(axis=1)
-        outside = ((xyxy < -tolerance) | (xyxy > 1.0 + tolerance)).any(axis=1)
+        outside = ((xyxy < -BOX_TOLERANCE) | (xyxy > 1.0 + BOX_TOLERANCE)).any(axis=1)
         clipped = np.clip(xyxy, 0.0, 1.0)
         ordered = (clipped[:, 0] < clipped[:, 2]) & (clipped[:, 1] < clipped[:, 3])
         problems = {

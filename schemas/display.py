@@ -24,7 +24,6 @@ UNSAFE_CODEPOINTS: tuple[int, ...] = (
     0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A),  # bidi marks, embeddings, isolates
     0x2028, 0x2029,  # line / paragraph separator
 )
-_UNSAFE_SET = frozenset(UNSAFE_CODEPOINTS)
 
 
 def _escape(cp: int) -> str:
@@ -41,8 +40,3 @@ def display_text(value: object, keep: str = "") -> str:
     Characters in `keep` pass unchanged (e.g. `keep="\\n"` for multi-line text such as a traceback)."""
     text = value if isinstance(value, str) else str(value)
     return text.translate(_table(keep))
-
-
-def is_display_safe(text: str) -> bool:
-    """True when `display_text` would leave `text` unchanged."""
-    return not any(ord(ch) in _UNSAFE_SET for ch in text)

@@ -61,6 +61,8 @@ class DetectStage(Stage[DetectConfig]):
     @property
     def resources(self) -> Resources:
         ex = self.execution
+        # the backends that need no pixels (`resize_spec(config) is None`), without calling resize_spec:
+        # for an hf model it loads the model's config (transformers, maybe the hub) just to plan
         replay = self.config.backend == "replay"
         uses_gpu = not replay and ex.device != "cpu"
         part_rows = ex.part_rows or (REPLAY_PART_ROWS if replay else ex.batch_size)
