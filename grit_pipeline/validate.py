@@ -4,7 +4,8 @@ Per shard: the columns start with `schemas.tables.GRIT_FIELDS` (names and types;
 hold no nulls), keys are unique across the run. Per row (`schemas.rows.GritRow`): every
 `[start, end, x1, y1, x2, y2, score]` entry has a non-empty span inside the caption and a box and score
 that pass `schemas.boxes.check_boxes` (0 <= x1 < x2 <= 1, 0 <= y1 < y2 <= 1 within its float-noise
-tolerance, a score in [0, 1]); `noun_chunks` and `ref_exps` align 1:1 and each referring
+tolerance, a score in [0, 1]; checked for a whole table in one call, and rows with a failing entry are then
+validated entry by entry for the message); `noun_chunks` and `ref_exps` align 1:1 and each referring
 expression contains its chunk. Both grounded views parse back (`schemas.grounded_text`) to exactly the
 caption, and each tagged span with its location tokens is a span of `ref_exps` (or of `noun_chunks`)
 with exactly the boxes those entries give under the run's location encoder.
@@ -18,15 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from pydantic import ValidationError
 
+from schemas.boxes import check_boxes
 from schemas.display import display_text
 from schemas.grounded_text import parse_grounded_caption, parse_markdown_caption
 from schemas.location import encode_box
-from schemas.rows import GritRow
+from schemas.rows import BOXES_CHECKED, GritRow
 from schemas.tables import GRIT_FIELDS
 
 MAX_PROBLEMS_PER_FILE = 50
@@ -76,10 +80,11 @@ def _boxes(entries: Iterable[Any], span: tuple[int, int], encoder: str) -> set[t
     return {encode_box(e[2:6], encoder) for e in entries if (int(e[0]), int(e[1])) == span}
 
 
-def check_row(row: Mapping[str, Any], encoder: str = "unilm") -> list[str]:
-    """What is wrong with one GrIT row (empty list when nothing)."""
+def check_row(row: Mapping[str, Any], encoder: str = "unilm", boxes_checked: bool = False) -> list[str]:
+    """What is wrong with one GrIT row (empty list when nothing). `boxes_checked`: every box and score of
+    the row has passed `check_boxes` already (`_rows_with_bad_boxes`), so the row model skips that check."""
     try:
-        GritRow.model_validate(dict(row))
+        GritRow.model_validate(dict(row), context={BOXES_CHECKED: boxes_checked})
     except ValidationError as e:
         return [f"{'.'.join(str(p) for p in err['loc']) or 'row'}: {err['msg']}" for err in e.errors()]
     errors = []
@@ -114,6 +119,23 @@ def check_row(row: Mapping[str, Any], encoder: str = "unilm") -> list[str]:
     return errors
 
 
+def _rows_with_bad_boxes(table: pa.Table) -> np.ndarray:
+    """(rows,) bool: the row has a `noun_chunks`/`ref_exps` entry that is null, not 7 values long, or whose
+    box and score fail `check_boxes` (a null value counts as NaN) -- one check over the whole table."""
+    bad_rows = np.zeros(table.num_rows, dtype=bool)
+    for name in ("noun_chunks", "ref_exps"):
+        lists = table[name].combine_chunks()
+        entries = lists.flatten()  # one list<double> per entry; null lists have none
+        row = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+        whole = pc.fill_null(pc.equal(pc.list_value_length(entries), 7), False).to_numpy(zero_copy_only=False)
+        values = pc.fill_null(entries.filter(pa.array(whole)).flatten(), np.nan).to_numpy(zero_copy_only=False)
+        values = values.reshape(-1, 7)
+        bad = ~whole
+        bad[whole] = ~check_boxes(values[:, 2:6], values[:, 6]).ok
+        bad_rows[row[bad]] = True
+    return bad_rows
+
+
 def validate_table(table: pa.Table, file: str = "", encoder: str = "unilm",
                    seen_keys: dict[str, str] | None = None) -> list[Problem]:
     problems = check_schema(table.schema, table, file)
@@ -121,12 +143,13 @@ def validate_table(table: pa.Table, file: str = "", encoder: str = "unilm",
         return problems
     seen = seen_keys if seen_keys is not None else {}
     columns = [f.name for f in GRIT_FIELDS]
-    for row in table.select(columns).to_pylist():
+    bad_boxes = _rows_with_bad_boxes(table)
+    for i, row in enumerate(table.select(columns).to_pylist()):
         key = row["key"]
         if key in seen:
             problems.append(Problem(file, key, f"duplicate key (also in {seen[key]})"))
         seen[key] = file
-        problems.extend(Problem(file, key, msg) for msg in check_row(row, encoder))
+        problems.extend(Problem(file, key, msg) for msg in check_row(row, encoder, not bad_boxes[i]))
         if len(problems) >= MAX_PROBLEMS_PER_FILE:
             problems.append(Problem(file, None, f"stopped after {MAX_PROBLEMS_PER_FILE} problems"))
             break

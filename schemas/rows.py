@@ -1,16 +1,21 @@
 """Pydantic row models: the per-row view of the Arrow schemas in `schemas.tables`, and reject reasons.
 
 Used where rows are validated one at a time (tests, `grit validate`, the trainer, user code); the
-pipeline's hot paths work on Arrow batches directly.
+pipeline's hot paths work on Arrow batches directly. A caller that has already checked every box and score
+of its rows with one `schemas.boxes.check_boxes` call over a whole table (`grit validate`) passes the
+validation context `{BOXES_CHECKED: True}`: the per-entry box check (a numpy call per box) is then skipped.
 """
 
 from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from schemas.boxes import check_boxes
+
+# validation context key: the caller checked every box and score with `check_boxes` (corners stay unclipped)
+BOXES_CHECKED = "boxes_checked"
 
 
 class RejectReason(str, Enum):
@@ -50,7 +55,8 @@ class Reject(BaseModel):
 
 class SpanBox(BaseModel):
     """One `[start, end, x1, y1, x2, y2, score]` entry of `noun_chunks` / `ref_exps`. The box and score are
-    checked by `schemas.boxes.check_boxes` (corners within its float-noise tolerance are clipped into [0, 1])."""
+    checked by `schemas.boxes.check_boxes` (corners within its float-noise tolerance are clipped into [0, 1]),
+    unless the validation context says the caller has checked them (`BOXES_CHECKED`)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -63,18 +69,19 @@ class SpanBox(BaseModel):
     score: float
 
     @classmethod
-    def from_list(cls, values: list[float]) -> SpanBox:
+    def from_list(cls, values: list[float], context: dict | None = None) -> SpanBox:
         if len(values) != 7:
             raise ValueError(f"expected [start, end, x1, y1, x2, y2, score], got {len(values)} values")
         start, end, x1, y1, x2, y2, score = values
         if start != int(start) or end != int(end):
             raise ValueError(f"span offsets must be whole numbers, got {start}, {end}")
-        return cls(start=int(start), end=int(end), x1=x1, y1=y1, x2=x2, y2=y2, score=score)
+        return cls.model_validate(dict(start=int(start), end=int(end), x1=x1, y1=y1, x2=x2, y2=y2, score=score),
+                                  context=context)
 
     @model_validator(mode="before")
     @classmethod
-    def _box(cls, data):
-        if not isinstance(data, dict):
+    def _box(cls, data, info: ValidationInfo):
+        if not isinstance(data, dict) or (info.context or {}).get(BOXES_CHECKED):
             return data
         try:
             corners = [float(data[k]) for k in _CORNERS]
@@ -113,8 +120,8 @@ class GritRow(BaseModel):
 
     @field_validator("noun_chunks", "ref_exps", mode="before")
     @classmethod
-    def _from_lists(cls, v):
-        return [SpanBox.from_list(x) if isinstance(x, (list, tuple)) else x for x in v]
+    def _from_lists(cls, v, info: ValidationInfo):
+        return [SpanBox.from_list(x, info.context) if isinstance(x, (list, tuple)) else x for x in v]
 
     @model_validator(mode="after")
     def _spans_inside_caption(self) -> GritRow:

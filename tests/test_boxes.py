@@ -25,9 +25,12 @@ def test_each_problem_is_flagged_and_named():
     scores = [0.9, 0.9, 0.9, 0.9, 0.9, 0.9, NAN, 1.5]
     check = check_boxes(boxes, scores)
     assert check.ok.tolist() == [True] + [False] * 7
-    assert [check.first_problem(i) for i in range(8)] == [
+    first_problem = [next((name for name, mask in check.problems.items() if mask[i]), None) for i in range(8)]
+    assert first_problem == [
         None, "non_finite", "non_finite", "box_out_of_range", "box_inverted", "box_inverted",
         "score_out_of_range", "score_out_of_range"]
+    assert check.describe(0) == "" and all(check.describe(i).startswith(BOX_PROBLEMS[first_problem[i]])
+                                            for i in range(1, 8))
     assert check.describe(4) == BOX_PROBLEMS["box_inverted"]
     assert list(check.problems) == list(BOX_PROBLEMS)
 
@@ -38,7 +41,7 @@ def test_corners_within_the_tolerance_are_clipped_and_farther_ones_refused():
     assert check.ok.tolist() == [True, False]
     assert check.clipped[0].tolist() == [0.0, 0.0, 1.0, 0.5]
     # clipping can empty a box: then it is inverted, not accepted
-    assert check_boxes([(1.0, 0.0, 1 + BOX_TOLERANCE / 2, 0.5)]).first_problem(0) == "box_inverted"
+    assert check_boxes([(1.0, 0.0, 1 + BOX_TOLERANCE / 2, 0.5)]).describe(0) == BOX_PROBLEMS["box_inverted"]
 
 
 def test_a_box_without_scores_is_checked_without_the_score_problem():
@@ -77,14 +80,21 @@ def _select(box, score):
     return (p["x1"], p["y1"], p["x2"], p["y2"])
 
 
-def _compose(box, score):
+_COMPOSE_SCHEMA = pa.schema([*INGEST_FIELDS, pa.field("chunks", pa.list_(CHUNK_TYPE)),
+                             pa.field("pairs", pa.list_(PAIR_TYPE))])
+
+
+def _compose_input(box, score):
     chunk = {"start": 0, "end": 5, "root_start": 0, "root_end": 5, "expr_start": 0, "expr_end": 5,
              "has_conj": False}
     pair = {"chunk": 0, "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3], "score": score}
-    fields = [*INGEST_FIELDS, pa.field("chunks", pa.list_(CHUNK_TYPE)), pa.field("pairs", pa.list_(PAIR_TYPE))]
-    row = {"key": "k", "shard": 0, "url": None, "caption": "a dog", "width": 10, "height": 10,
-           "image_ref": None, "chunks": [chunk], "pairs": [pair]}
-    out = ComposeStage().process_batch(pa.Table.from_pylist([row], schema=pa.schema(fields))).output.to_pylist()
+    return {"key": "k", "shard": 0, "url": None, "caption": "a dog", "width": 10, "height": 10,
+            "image_ref": None, "chunks": [chunk], "pairs": [pair]}
+
+
+def _compose(box, score):
+    row = _compose_input(box, score)
+    out = ComposeStage().process_batch(pa.Table.from_pylist([row], schema=_COMPOSE_SCHEMA)).output.to_pylist()
     return tuple(out[0]["noun_chunks"][0][2:6]) if out else None
 
 
@@ -108,3 +118,21 @@ def test_every_checker_accepts_and_clips_the_same_boxes(box, score):
 def test_the_edge_cases_cover_both_outcomes():
     ok = check_boxes([b for b, _ in EDGE_CASES], [s for _, s in EDGE_CASES]).ok
     assert ok.sum() == 2 and (~ok).sum() == len(EDGE_CASES) - 2
+
+
+def test_grit_validate_checks_a_table_at_once_and_refuses_the_same_boxes_as_the_row_model():
+    from grit_pipeline.validate import check_row, validate_table
+    from schemas.tables import GRIT_SCHEMA
+
+    base = ComposeStage().process_batch(pa.Table.from_pylist([_compose_input((0.1, 0.1, 0.5, 0.5), 0.9)],
+                                                             schema=_COMPOSE_SCHEMA)).output.to_pylist()[0]
+    # entries inside [0, 1] or refused (validate encodes an accepted entry's corners as given, unclipped)
+    cases = [(box, score) for box, score in EDGE_CASES
+             if all(0.0 <= v <= 1.0 for v in box) or not check_boxes([box], [score]).ok[0]]
+    rows = [{**base, "key": f"k{i}", "noun_chunks": [[0.0, 5.0, *box, score]], "ref_exps": [[0.0, 5.0, *box, score]]}
+            for i, (box, score) in enumerate(cases)]
+    problems = validate_table(pa.Table.from_pylist(rows, schema=GRIT_SCHEMA))
+    got = {row["key"]: [p.message for p in problems if p.key == row["key"]] for row in rows}
+    assert got == {row["key"]: check_row(row) for row in rows}  # the row model, box by box
+    assert [bool(m) for m in got.values()] == [not check_boxes([b], [s]).ok[0] for b, s in cases]
+    assert sum(not m for m in got.values()) == 1 and len(cases) == len(EDGE_CASES) - 1
