@@ -136,3 +136,15 @@ def test_grit_validate_checks_a_table_at_once_and_refuses_the_same_boxes_as_the_
     assert got == {row["key"]: check_row(row) for row in rows}  # the row model, box by box
     assert [bool(m) for m in got.values()] == [not check_boxes([b], [s]).ok[0] for b, s in cases]
     assert sum(not m for m in got.values()) == 1 and len(cases) == len(EDGE_CASES) - 1
+
+
+def test_grit_validate_accepts_a_corner_outside_by_less_than_the_tolerance():
+    """A shard written elsewhere may hold -5e-7 for 0: float noise within BOX_TOLERANCE, encoded as clipped."""
+    from grit_pipeline.validate import validate_table
+    from schemas.tables import GRIT_SCHEMA
+
+    row = ComposeStage().process_batch(pa.Table.from_pylist([_compose_input((0.0, 0.1, 0.5, 1.0), 0.9)],
+                                                            schema=_COMPOSE_SCHEMA)).output.to_pylist()[0]
+    noisy = {col: [[e[0], e[1], -5e-7, e[3], e[4], 1.0 + 5e-7, e[6]] for e in row[col]]
+             for col in ("noun_chunks", "ref_exps")}
+    assert validate_table(pa.Table.from_pylist([{**row, **noisy}], schema=GRIT_SCHEMA)) == []
