@@ -16,23 +16,18 @@ head word -- grouped by lower-cased chunk text.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import harness  # first: this checkout on sys.path, the offline environment
+import pyarrow as pa
 
-import pyarrow as pa  # noqa: E402
+from stages.chunks import ChunksConfig, ChunksStage
 
-from stages.chunks import ChunksConfig, ChunksStage  # noqa: E402
-
-FLICKR = REPO / "tests" / "data" / "flickr30k_entities_dev_sentences.jsonl"  # --data overrides
+FLICKR = harness.REPO / "tests" / "data" / "flickr30k_entities_dev_sentences.jsonl"  # --data overrides
 
 
 def prf(matched_pred: int, n_pred: int, matched_gold: int, n_gold: int) -> dict[str, float]:
@@ -61,8 +56,7 @@ def score(pred: list[list[tuple[int, int]]], gold: list[list[tuple[int, int]]]) 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="also write the figures as a flat JSON object")
+    parser = harness.parser(__doc__)
     parser.add_argument("--filter-add", nargs="*", default=[], help="chunks.filter_add for this run")
     parser.add_argument("--filter-remove", nargs="*", default=[], help="chunks.filter_remove for this run")
     parser.add_argument("--top", type=int, default=20, help="false removals to list")
@@ -79,7 +73,7 @@ def main() -> int:
     stage = ChunksStage(ChunksConfig(filter_add=args.filter_add, filter_remove=args.filter_remove))
     stage.setup()
     started = time.perf_counter()
-    docs = list(stage.nlp.pipe(sentences, batch_size=stage.config.pipe_batch_size))
+    docs = list(stage.nlp.pipe(sentences, batch_size=stage.execution.pipe_batch_size))
     raw = [[(c.start_char, c.end_char) for c in d.noun_chunks] for d in docs]
     raw_text = [{(c.start_char, c.end_char): c.text for c in d.noun_chunks} for d in docs]
 
@@ -124,9 +118,7 @@ def main() -> int:
     figures["head_recall_change"] = round(dr, 4)
     figures["filter_removed_true"] = true_removals
     figures["filter_removed_false"] = n_false
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(figures, indent=1) + "\n")
+    harness.write_figures(figures, args.out)
     return 0
 
 

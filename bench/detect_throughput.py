@@ -17,26 +17,21 @@ Random weights: timings are real, boxes are meaningless. No timing is asserted a
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # first: this checkout on sys.path, the offline environment
+import numpy as np
+import pyarrow as pa
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from schemas.tables import CHUNK_TYPE  # noqa: E402
-from stages.images import DecodeLimits, ResizeSpec, decode_image  # noqa: E402
+from schemas.tables import CHUNK_TYPE
+from stages.images import DecodeLimits, ResizeSpec, decode_image
 
 CAPTION = "a big red dog on the green grass with a small cat and a ball"
 SPANS = [(0, 13), (17, 32), (38, 49), (54, 60)]  # a big red dog / the green grass / a small cat / a ball
@@ -192,7 +187,7 @@ class _null:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--sizes", default="320,800", help="detector input sizes (shorter side), comma-separated")
     ap.add_argument("--images", type=int, default=None, help="images per detect run (default 2 cpu, 64 cuda)")
@@ -200,7 +195,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default 2 on cpu, 16 on cuda")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-detect", action="store_true")
-    ap.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = ap.parse_args()
 
     import torch
@@ -228,9 +222,7 @@ def main() -> None:
                     extra = f"   peak {r['peak_gpu_memory_gib']:.1f} GiB   util {'n/a' if util is None else f'{util:.0f}%'}"
                 print(f"detect @ {size:>4} px {args.device} {name:<13} (batch {r['batch_size']:>2}): "
                       f"{r['images_per_s']:7.2f} img/s{extra}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_figures(report, args.out)
 
 
 if __name__ == "__main__":

@@ -12,26 +12,20 @@ without Ray's own start-up.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness  # first: this checkout on sys.path, the offline environment
 
-from grit_pipeline.synthetic import replay_overrides, write_img2dataset  # noqa: E402
+from grit_pipeline.assets.synthetic import replay_overrides, write_img2dataset
 
 
 def in_process(root: Path, overrides: list[str]) -> tuple[float, int]:
     """Seconds to run all stages in this process over every shard; rows in the final tables."""
     from grit_pipeline.config import load_config
-    from grit_pipeline.stage_io import join_upstream
+    from grit_pipeline.engine.stage_io import join_upstream
     from stages.registry import STAGE_ORDER, stage_class
 
     t0 = time.perf_counter()
@@ -50,12 +44,11 @@ def in_process(root: Path, overrides: list[str]) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count())
     ap.add_argument("--workdir", help="where to write the input and run (default: a temporary folder)")
-    ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -93,9 +86,7 @@ def main() -> None:
     print(f"engine on local Ray ({args.num_cpus} CPUs): {engine_s:.1f} s (+ {init_s:.1f} s ray.init)")
     print(f"ratio engine / in-process: {figures['engine_over_in_process']:.2f} "
           f"({figures['engine_with_init_over_in_process']:.2f} with Ray start-up)")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    harness.write_figures(figures, args.out)
 
 
 if __name__ == "__main__":

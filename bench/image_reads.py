@@ -5,7 +5,7 @@
 
 What is measured: reading only, no decoding, in one process pinned to one core. The shard is written the
 way img2dataset writes it (`NNNNN.parquet` + `NNNNN.tar` with `<key>.jpg`, `<key>.txt`, `<key>.json` per
-row; `grit_pipeline.synthetic`, JPEGs sized so the tar is about the 137 MiB of a real 10k-image shard),
+row; `grit_pipeline.assets.synthetic`, JPEGs sized so the tar is about the 137 MiB of a real 10k-image shard),
 ingested by the real ingest stage (which records each member's offset and size), then read in 64-row
 batches in source order with `stages.image_reader.read_images`, exactly as detect's `prepare_batch` does.
 
@@ -22,10 +22,8 @@ No timing is asserted anywhere.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
-import json
 import os
 import socket
 import subprocess
@@ -37,19 +35,19 @@ import time
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # first: this checkout on sys.path, the offline environment
+import pyarrow as pa
 
-import pyarrow as pa  # noqa: E402
+from grit_pipeline.assets.synthetic import write_img2dataset
+from stages.image_reader import locations_of, read_images
+from stages.image_refs import ImageAllowList
+from stages.images import ImageFailure
+from stages.ingest import IngestConfig, IngestStage
 
-from grit_pipeline.synthetic import write_img2dataset  # noqa: E402
-from stages.image_reader import locations_of, read_images  # noqa: E402
-from stages.images import ImageFailure  # noqa: E402
-from stages.ingest import IngestConfig, IngestStage  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 OLD_COMMIT = "6771668"
 BUCKET = "grit-bench"
 MiB = 2**20
+ANYWHERE = ImageAllowList(anywhere=True)  # the bench's own files, local and on its moto S3
 
 
 def rchar() -> int:
@@ -73,7 +71,7 @@ def read_all(parts: list[pa.Table], count_bytes) -> dict:
     before, wall, cpu = count_bytes(), time.perf_counter(), time.process_time()
     images = 0
     for part in parts:
-        for blob in read_images(locations_of(part)):
+        for blob in read_images(locations_of(part), allowed=ANYWHERE):
             assert not isinstance(blob, ImageFailure), blob
             images += 1
     return {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu, "images": images,
@@ -84,7 +82,7 @@ def old_reader(folder: Path) -> types.ModuleType | None:
     """`stages/images.py` as of the commit before ranged reads (written to `folder` and imported), or None
     outside a git checkout."""
     try:
-        source = subprocess.run(["git", "show", f"{OLD_COMMIT}:stages/images.py"], cwd=REPO, check=True,
+        source = subprocess.run(["git", "show", f"{OLD_COMMIT}:stages/images.py"], cwd=harness.REPO, check=True,
                                 capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -200,13 +198,12 @@ def bench_s3(root: Path, batch_rows: int, old, old_batches: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = harness.parser(__doc__)
     ap.add_argument("--rows", type=int, default=10_000, help="images in the shard")
     ap.add_argument("--batch-rows", type=int, default=64, help="rows per prepare batch")
     ap.add_argument("--image-size", type=int, nargs=2, default=(768, 576), help="JPEG width height")
     ap.add_argument("--old-batches", type=int, default=3, help="batches of the old reader to time (0: skip)")
     ap.add_argument("--no-s3", action="store_true", help="local disk only")
-    ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
 
     core = min(os.sched_getaffinity(0))
@@ -246,9 +243,7 @@ def main() -> None:
           f"({results['local_bytes_read_over_tar']:.3f} x), {results['local_images_per_s']:,.0f} images/s on one core")
     if "s3_bytes_fetched" in results:
         print(f"S3 fetched {results['s3_bytes_fetched'] / MiB:.1f} MiB ({results['s3_bytes_fetched_over_tar']:.3f} x the tar)")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+    harness.write_figures(results, args.out)
 
 
 if __name__ == "__main__":

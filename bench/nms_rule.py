@@ -8,7 +8,7 @@ it scored for) at `nms_iou=0.5`. After: the paper's rule, `nms_scope=pair` (clas
 Two inputs, each run in this process (no Ray): ingest -> chunks -> detect once, then select -> compose
 once per side on the same detect output.
 - `demo`: the bundled demo sample with `configs/demo.yaml` (replayed hand-placed boxes);
-- `synthetic`: `grit_pipeline.synthetic.write_img2dataset(shards=4, rows_per_shard=5000)` (20,000 rows)
+- `synthetic`: `grit_pipeline.assets.synthetic.write_img2dataset(shards=4, rows_per_shard=5000)` (20,000 rows)
   with the replay detector over its detections file.
 
     python bench/nms_rule.py [--rows-per-shard 5000] [--out bench/out/nms_rule.json]
@@ -16,23 +16,18 @@ once per side on the same detect output.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness  # first: this checkout on sys.path, the offline environment
 
-from grit_pipeline.config import load_config  # noqa: E402
-from grit_pipeline.stage_io import join_upstream  # noqa: E402
-from grit_pipeline.synthetic import replay_overrides, write_img2dataset  # noqa: E402
-from stages.compose import ComposeStage  # noqa: E402
-from stages.registry import STAGE_ORDER, stage_class  # noqa: E402
-from stages.select import SelectStage  # noqa: E402
+from grit_pipeline.assets.synthetic import replay_overrides, write_img2dataset
+from grit_pipeline.config import load_config
+from grit_pipeline.engine.stage_io import join_upstream
+from stages.compose import ComposeStage
+from stages.registry import STAGE_ORDER, stage_class
+from stages.select import SelectStage
 
 SIDES = {
     "before": {"nms_scope": "box", "nms_iou": 0.5},
@@ -79,11 +74,10 @@ def measure(config: str | None, overrides: list[str], input_uri: str) -> dict[st
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--rows-per-shard", type=int, default=5000)
     ap.add_argument("--workdir", help="where to write the synthetic input (default: a temporary folder)")
-    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
     from grit_pipeline.demo import DEMO_CONFIG, DEMO_SHARDS, demo_overrides
@@ -103,9 +97,7 @@ def main() -> int:
                 continue
             print(f"  {side:<9} " + "  ".join(f"{k} {v:,}" for k, v in counts.items()))
             flat.update({f"{name}_{side}_{k}": v for k, v in counts.items()})
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(flat, indent=1) + "\n")
+    harness.write_figures(flat, args.out)
     return 0
 
 

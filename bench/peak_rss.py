@@ -11,8 +11,6 @@ size, so pages shared between Ray processes, such as the object store, are not c
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,8 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import harness  # first: this checkout on sys.path, the offline environment
+
 ROWS_PER_SHARD = 10_000  # img2dataset's usual shard size
 
 
@@ -77,17 +75,17 @@ class Sampler(threading.Thread):
 
 
 def measure(rows: int, work: Path, num_cpus: int) -> dict:
-    from grit_pipeline.synthetic import replay_overrides, write_img2dataset
+    from grit_pipeline.assets.synthetic import replay_overrides, write_img2dataset
 
     shards = max(1, rows // ROWS_PER_SHARD)
     inp = write_img2dataset(work / f"input-{rows}", shards=shards, rows_per_shard=rows // shards)
     cmd = [sys.executable, "-m", "grit_pipeline.cli", "run", "--input", str(inp.root),
            "--output", str(work / f"run-{rows}"), "--num-cpus", str(num_cpus), "--no-progress",
            *replay_overrides(inp.detections)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **harness.OFFLINE_ENV}
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=harness.REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     sampler = Sampler(proc.pid)
     sampler.start()
     _, err = proc.communicate()
@@ -102,11 +100,10 @@ def measure(rows: int, work: Path, num_cpus: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--rows", type=int, nargs="+", default=[20_000, 200_000])
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count())
     ap.add_argument("--workdir")
-    ap.add_argument("--out")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -123,9 +120,7 @@ def main() -> None:
             results[-1]["driver_peak_rss_mb"] / results[0]["driver_peak_rss_mb"], 2)
         print(f"ratio {results[-1]['rows']:,} / {results[0]['rows']:,} rows: driver "
               f"{figures['driver_rss_ratio_last_over_first']}x, all processes {figures['tree_pss_ratio_last_over_first']}x")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    harness.write_figures(figures, args.out)
 
 
 if __name__ == "__main__":

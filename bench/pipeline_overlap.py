@@ -15,30 +15,23 @@ prepare step, exactly as a real detector's are), so decoding really has to run a
 
 Targets (issue "streaming engine"): wall <= 1.15 x detect busy; first final shard before 25% of the
 wall; tree peak <= 3 GB with nothing spilled. The same script runs against the stage-by-stage engine of
-commit 6771668 (copy it into a checkout of that commit and run it there) for the "before" figures.
+commit 6771668 for the "before" figures: `GRIT_REPO=<a checkout of 6771668> python bench/pipeline_overlap.py
+--out bench/out/pipeline_overlap_before.json` (`bench/harness.py`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # first: this checkout on sys.path, the offline environment
+from peak_rss import Sampler
 
-from peak_rss import Sampler  # noqa: E402
-
-from stages.base import Resources  # noqa: E402
-from stages.detect import DetectStage  # noqa: E402
+from stages.base import Resources
+from stages.detect import DetectStage
 
 
 class SleepyReplay:
@@ -73,7 +66,12 @@ class SlowDetect(DetectStage):
 
     @property
     def resources(self) -> Resources:
-        return Resources(cpus=1.0, gpus=1.0, actor=True, batch_size=self.BATCH, pool_size=1)
+        fields = {"cpus": 1.0, "gpus": 1.0, "actor": True, "batch_size": self.BATCH, "pool_size": 1}
+        if "part_rows" in Resources.model_fields:  # parts as a pixel detector's default (earlier engines: none)
+            from stages.detectors.config import default_part_rows
+
+            fields["part_rows"] = default_part_rows(self.BATCH)
+        return Resources(**fields)
 
     def setup(self) -> None:
         if self._detector is None:
@@ -124,22 +122,22 @@ def spilled_mib() -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--rows", type=int, default=200, help="images per shard")
     # 50 ms: GroundingDINO Swin-T at 800 px does about 10-20 images/s on one GPU
     ap.add_argument("--per-image", type=float, default=0.05, help="simulated GPU seconds per image")
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count())
     ap.add_argument("--workdir")
-    ap.add_argument("--out")
     args = ap.parse_args()
 
     import ray
     import ray.cloudpickle
 
+    from grit_pipeline.assets.synthetic import replay_overrides, write_img2dataset
     from grit_pipeline.config import load_config
-    from grit_pipeline.engine import build_plan, default_stage_classes, execute
-    from grit_pipeline.synthetic import replay_overrides, write_img2dataset
+    from grit_pipeline.engine.plan import build_plan, default_stage_classes
+    from grit_pipeline.engine.runner import execute
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import bench/
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -194,9 +192,7 @@ def main() -> None:
         print(f"first final shard at {first:.1f} s = {figures['first_final_fraction']:.1%} of the wall (target < 25%)")
     print(f"process tree peak {figures['tree_peak_pss_mb']:.0f} MB (target <= 3,000), driver peak RSS "
           f"{figures['driver_peak_rss_mb']:.0f} MB, spilled {spilled:g} MiB (target 0)")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    harness.write_figures(figures, args.out)
 
 
 if __name__ == "__main__":

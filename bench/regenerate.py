@@ -9,30 +9,23 @@ local Ray started once before both runs (its start-up is reported apart).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness  # first: this checkout on sys.path, the offline environment
 
-from grit_pipeline.synthetic import replay_overrides, write_img2dataset  # noqa: E402
+from grit_pipeline.assets.synthetic import replay_overrides, write_img2dataset
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--min-score", type=float, default=0.8, help="threshold of the re-run (first run: 0.65)")
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count())
     ap.add_argument("--workdir")
-    ap.add_argument("--out")
     args = ap.parse_args()
 
     import ray
@@ -73,9 +66,7 @@ def main() -> None:
     print(f"re-run with select.min_score={args.min_score}: {rerun_s:.1f} s "
           f"(recomputed {', '.join(recomputed)}; {figures['speedup']}x faster; ray.init {init_s:.1f} s apart)")
     print(f"final rows: {figures['final_rows_full']:,} -> {figures['final_rows_rerun']:,}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    harness.write_figures(figures, args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Run every benchmark script in bench/ and write bench/RESULTS.md.
 
-Each script prints its figures and, given `--out FILE`, writes them as a flat JSON object. This runner
-calls them one after another (never in parallel: they measure the machine), then records each figure
-with the command that reproduces it, the machine (cores, memory, GPU) and the date.
+Each script prints its figures and, given `--out FILE`, writes them as a flat JSON object (the scaffolding
+they share -- sys.path, environment, `--out`, the JSON -- is `bench/harness.py`, not a benchmark). This
+runner calls them one after another (never in parallel: they measure the machine), then records each
+figure with the command that reproduces it, the machine (cores, memory, GPU) and the date.
 
     python bench/run_all.py                 # all scripts
     python bench/run_all.py --only regenerate chunk_quality
@@ -34,21 +35,31 @@ SCRIPTS: dict[str, list[str]] = {
     "chunk_quality": [],
     "select_throughput": [],
     "nms_rule": [],
+    "score_rules": [],
     "detect_throughput": [],
+    "detect_calls": [],
     "image_reads": [],
+    "image_refs": [],
     "engine_overhead": [],
     "pipeline_overlap": [],
     "regenerate": [],
     "peak_rss": [],
     "status_read": [],
+    "run_scale": ["--shards", "1000", "3000", "--finished", "100000"],
+    "report_memory": [],
+    "publish_scale": [],
+    "validate_scale": [],
     "train_grounding": [],
 }
 
 # Figures of an earlier version, kept beside the current ones: bench/out/NAME_before.json, written by
-# running the same script in a checkout of that version (`git worktree add ../before REV`, copy the
-# script there if it is newer than REV, run it with --out pointing here).
+# running today's script against a checkout of that version (`git worktree add ../before REV`, then
+# `GRIT_REPO=../before python bench/NAME.py --out bench/out/NAME_before.json`; see bench/harness.py).
 BEFORE: dict[str, str] = {
     "pipeline_overlap": "6771668 (the stage-by-stage engine, before the streaming one)",
+    "report_memory": "33dd3d3 (before the shard sample: the report concatenated every shard's rows; its default "
+                     "and `all` are the same)",
+    "publish_scale": "33dd3d3 (one sorted array re-sorted per lookup; run with `--shards 8 --build 0`)",
 }
 
 

@@ -11,23 +11,17 @@ reference; `--nms-scope box` times select v1's rule instead.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # first: this checkout on sys.path, the offline environment
+import numpy as np
+import pyarrow as pa
+import torch
+from torchvision.ops import nms
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
-from torchvision.ops import nms  # noqa: E402
-
-from schemas.tables import CANDIDATE_TYPE  # noqa: E402
-from stages.select import SelectConfig, SelectStage  # noqa: E402
+from schemas.tables import CANDIDATE_TYPE
+from stages.select import SelectConfig, SelectStage
 
 
 def synthetic_candidates(rows: int, per_row: int, seed: int = 0) -> pa.Table:
@@ -88,12 +82,11 @@ def timed(fn, repeats: int, clock=time.perf_counter) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--candidates", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--nms-scope", choices=["pair", "box"], default="pair")
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -120,10 +113,8 @@ def main() -> int:
         "per_row_nms_loop_seconds": round(ref_s, 3),
         "speedup_vs_per_row_loop": round(ref_s / stage_s, 1),
     }
-    for k, v in figures.items():
-        print(f"{k}: {v}")
-    if args.out:
-        args.out.write_text(json.dumps(figures, indent=1) + "\n")
+    harness.print_figures(figures)
+    harness.write_figures(figures, args.out)
     return 0
 
 

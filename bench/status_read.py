@@ -1,16 +1,21 @@
-"""What `grit status` costs on a large run: a run directory of N shards x 5 stages of committed markers
-(as the engine writes them), read cold (`run_status`) and again by the same `StatusReader` (a `--watch`
-refresh, which reads only new markers), on a local disk and on S3 (moto's server on loopback; S3
-requests counted at botocore's `before-send`, timings are moto's, not AWS's).
+"""What `grit status` costs on a large run, in both layouts of a run directory:
 
-    python bench/status_read.py                                  # 5,000 shards, local and S3
-    python bench/status_read.py --shards 1000 --out bench/out/status_read.json
+- `ledgers` (this engine): each stage's ledger as the driver's bookkeeping writes it (segments of 1,000
+  commit records, each sealed one folded into `summary.json`), `progress.json` and the publish ledger. The
+  `_done` markers are not written here: status never reads them, and the request counts show it.
+- `markers` (the run directories of earlier versions, before ledgers): N x 5 `_done` markers, which
+  status lists and reads one by one.
+
+Each is read cold (`run_status`) and again by the same `StatusReader` (a `--watch` refresh) on a local disk
+and on S3 (moto's server on loopback; S3 requests counted at botocore's `before-send`, timings are
+moto's, not AWS's).
+
+    python bench/status_read.py                                  # 5,000 shards, both layouts; 100,000 with ledgers
+    python bench/status_read.py --shards 1000 --ledger-shards 10000 --out bench/out/status_read.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import socket
 import subprocess
@@ -19,26 +24,52 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import harness  # first: this checkout on sys.path, the offline environment
+import yaml
 
-import yaml  # noqa: E402
-
-from grit_pipeline.rundir import RunDir, json_bytes  # noqa: E402
-from grit_pipeline.status import StatusReader  # noqa: E402
+from grit_pipeline.commands.status import StatusReader
+from grit_pipeline.engine.publish import PUBLISH, PublishFold
+from grit_pipeline.rundir.ledger import LedgerWriter, ledger_folder
+from grit_pipeline.rundir.progress import write_progress
+from grit_pipeline.rundir.store import RunDir, json_bytes
 
 STAGES = ("ingest", "chunks", "detect", "select", "compose")
+FPS = {s: f"{i:016x}" for i, s in enumerate(STAGES)}
 
 
-def write_run(rundir: RunDir, shards: int) -> None:
-    fps = {s: f"{i:016x}" for i, s in enumerate(STAGES)}
-    rundir.write_text("run.yaml", yaml.safe_dump({"fingerprints": fps, "planned_shards": list(range(shards)), "layout": 2}))
-    blobs = {}
-    for stage, fp in fps.items():
-        for shard in range(shards):
-            marker = {"stage": stage, "fingerprint": fp, "shard": shard, "rows_in": 10_000, "rows": 9_000,
-                      "rejects": 1_000, "reject_reasons": {"no_box": 1_000},
-                      "files": {"shard.parquet": {"size": 1 << 20, "sha256": "0" * 64}}}
-            blobs[rundir.marker_path(stage, fp, shard)] = json_bytes(marker)
+def _marker(stage: str, shard: int) -> dict:
+    return {"stage": stage, "fingerprint": FPS[stage], "shard": shard, "rows_in": 10_000, "rows": 9_000,
+            "rejects": 1_000, "reject_reasons": {"no_box": 1_000},
+            "files": {f"shard-{shard:05d}.parquet": {"size": 1 << 20, "sha256": "0" * 64}}}
+
+
+def write_run(rundir: RunDir, shards: int, layout: str) -> None:
+    if layout == "markers":  # earlier versions: run.yaml listed every shard
+        planned: object = list(range(shards))
+    else:
+        planned = f"0-{shards - 1}"
+    rundir.write_text("run.yaml", yaml.safe_dump({"fingerprints": FPS, "planned_shards": planned, "layout": 2},
+                                                 sort_keys=False))
+    if layout == "ledgers":
+        now = time.time()
+        positions = {}
+        for stage, fp in FPS.items():
+            writer = LedgerWriter(rundir, ledger_folder(stage, fp))
+            writer.append({k: v for k, v in _marker(stage, shard).items() if k not in ("stage", "fingerprint")}
+                          | {"counters": {}, "seconds": 1.0, "peak_rss_mb": 900.0, "time": now - 1.0}
+                          for shard in range(shards))
+            writer.flush()
+            positions[stage] = list(writer.position)
+        publish = LedgerWriter(rundir, PUBLISH, PublishFold)
+        publish.append({"shard": shard, "fp": FPS["compose"], "rows_in": 9_000, "rows_out": 9_000, "duplicates": 0,
+                        "compose_sha256": "0" * 64, "basis": "0" * 64} for shard in range(shards))
+        publish.flush()
+        write_progress(rundir, {"written": now, "run_start": "2026-12-05T00:00:00Z", "state": "finished",
+                                "planned": f"0-{shards - 1}",
+                                "stages": {s: {"fingerprint": FPS[s], "ledger": positions[s]} for s in STAGES}})
+        return
+    blobs = {rundir.marker_path(stage, fp, shard): json_bytes(_marker(stage, shard))
+             for stage, fp in FPS.items() for shard in range(shards)}
     if rundir.renames:
         for path, data in blobs.items():
             rundir.put_atomic(path, data)
@@ -46,7 +77,7 @@ def write_run(rundir: RunDir, shards: int) -> None:
         rundir.fs.pipe(blobs)  # concurrent PUTs
 
 
-def measure(rundir: RunDir, count) -> dict[str, float]:
+def measure(rundir: RunDir, count, shards: int) -> dict[str, float]:
     reader = StatusReader(rundir)
     before = count()
     t0 = time.perf_counter()
@@ -57,7 +88,7 @@ def measure(rundir: RunDir, count) -> dict[str, float]:
     reader.read()
     warm = time.perf_counter() - t0
     after = count()
-    assert all(s["committed"] == status["planned_shards"] for s in status["stages"])
+    assert status["planned_shards"] == shards and all(s["committed"] == shards for s in status["stages"])
     return {"cold_seconds": round(cold, 3), "refresh_seconds": round(warm, 3),
             "cold_requests": mid - before, "refresh_requests": after - mid}
 
@@ -78,19 +109,22 @@ def _moto() -> tuple[subprocess.Popen, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shards", type=int, default=5000)
+    ap = harness.parser(__doc__)
+    ap.add_argument("--shards", type=int, default=5000, help="shards of the run in both layouts")
+    ap.add_argument("--ledger-shards", type=int, default=100_000, help="shards of a larger run, ledgers only")
     ap.add_argument("--no-s3", action="store_true", help="local disk only")
-    ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
-    figures: dict[str, float] = {"shards": args.shards, "stages": len(STAGES)}
+    figures: dict[str, float] = {"shards": args.shards, "ledger_shards": args.ledger_shards, "stages": len(STAGES)}
+    cases = [("ledgers", args.shards), ("markers", args.shards), ("ledgers", args.ledger_shards)]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        rundir = RunDir(os.path.join(tmp, "run"))
-        write_run(rundir, args.shards)
-        local = measure(rundir, lambda: 0)
-        figures.update({f"local_{k}": v for k, v in local.items() if "requests" not in k})
-        print(f"local: cold {local['cold_seconds']} s, refresh {local['refresh_seconds']} s", flush=True)
+    for layout, n in cases:
+        with tempfile.TemporaryDirectory() as tmp:
+            rundir = RunDir(os.path.join(tmp, "run"))
+            write_run(rundir, n, layout)
+            local = measure(rundir, lambda: 0, n)
+            figures.update({f"local_{layout}_{n}_{k}": v for k, v in local.items() if "requests" not in k})
+            print(f"local, {layout}, {n:,} shards: cold {local['cold_seconds']} s, refresh {local['refresh_seconds']} s",
+                  flush=True)
 
     if not args.no_s3:
         import s3fs
@@ -99,24 +133,23 @@ def main() -> None:
         try:
             options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint}}
             fs = s3fs.S3FileSystem(**options)
-            fs.mkdir("grit-bench")
-            rundir = RunDir("s3://grit-bench/run", options)
-            write_run(rundir, args.shards)
-            sent = [0]
-            rundir.fs.connect()
-            rundir.fs.s3.meta.events.register("before-send.s3", lambda **kw: sent.__setitem__(0, sent[0] + 1))
-            s3 = measure(rundir, lambda: sent[0])
-            figures.update({f"s3_{k}": v for k, v in s3.items()})
-            print(f"s3 (moto): cold {s3['cold_seconds']} s in {s3['cold_requests']} requests, refresh "
-                  f"{s3['refresh_seconds']} s in {s3['refresh_requests']} requests", flush=True)
+            for i, (layout, n) in enumerate(cases):
+                fs.mkdir(f"grit-bench-{i}")
+                rundir = RunDir(f"s3://grit-bench-{i}/run", options)
+                write_run(rundir, n, layout)
+                sent = [0]
+                rundir.fs.connect()
+                rundir.fs.s3.meta.events.register("before-send.s3", lambda sent=sent, **kw: sent.__setitem__(0, sent[0] + 1))
+                s3 = measure(rundir, lambda sent=sent: sent[0], n)
+                figures.update({f"s3_{layout}_{n}_{k}": v for k, v in s3.items()})
+                print(f"s3 (moto), {layout}, {n:,} shards: cold {s3['cold_seconds']} s in {s3['cold_requests']} "
+                      f"requests, refresh {s3['refresh_seconds']} s in {s3['refresh_requests']} requests", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
 
-    print(json.dumps(figures, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    harness.print_figures(figures)
+    harness.write_figures(figures, args.out)
 
 
 if __name__ == "__main__":

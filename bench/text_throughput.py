@@ -3,7 +3,7 @@
 Input: the 2,000 Flickr30k Entities dev sentences (`tests/data/flickr30k_entities_dev_sentences.jsonl`, or `--data PATH`)
 repeated to 20,000 captions. Raw: iterate `nlp.pipe` over all captions (the stage's own loaded pipeline, so
 the components are identical). Stage: `ChunksStage.process_batch` over an Arrow table in batches of
-`chunks.batch_size` rows -- Arrow in, noun chunks, filter, expansion, Arrow out. The two are timed in pairs,
+`run.resources.chunks.batch_size` rows -- Arrow in, noun chunks, filter, expansion, Arrow out. The two are timed in pairs,
 batch by batch, alternating which goes first, so that both see the same load on a shared machine; both
 wall-clock and process CPU time are reported (CPU time is the steadier one when other work shares the
 cores). Target: stage >= 85% of raw.
@@ -13,24 +13,19 @@ cores). Target: stage >= 85% of raw.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import json
-import os
 import pstats
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import harness  # first: this checkout on sys.path, the offline environment
+import pyarrow as pa
 
-import pyarrow as pa  # noqa: E402
+from stages.chunks import ChunksStage
 
-from stages.chunks import ChunksStage  # noqa: E402
-
-FLICKR = REPO / "tests" / "data" / "flickr30k_entities_dev_sentences.jsonl"  # --data overrides
+FLICKR = harness.REPO / "tests" / "data" / "flickr30k_entities_dev_sentences.jsonl"  # --data overrides
 
 
 def load_captions(n: int, data: Path = FLICKR) -> list[str]:
@@ -49,7 +44,7 @@ def since(start: tuple[float, float]) -> tuple[float, float]:
 
 def time_raw(stage: ChunksStage, captions: list[str]) -> tuple[float, float]:
     start = clock()
-    for _doc in stage.nlp.pipe(captions, batch_size=stage.config.pipe_batch_size):
+    for _doc in stage.nlp.pipe(captions, batch_size=stage.execution.pipe_batch_size):
         pass
     return since(start)
 
@@ -64,7 +59,7 @@ def time_stage(stage: ChunksStage, table: pa.Table) -> tuple[tuple[float, float]
 def paired_timings(stage: ChunksStage, captions: list[str], table: pa.Table, rounds: int) -> dict:
     """Raw and stage (wall, CPU) seconds over all captions, measured batch by batch in pairs (alternating
     which goes first) so that both see the same machine load -- the development machine is shared."""
-    size = stage.config.batch_size
+    size = stage.execution.batch_size
     raw = [0.0, 0.0]
     staged = [0.0, 0.0]
     rows = chunks = 0
@@ -87,8 +82,7 @@ def paired_timings(stage: ChunksStage, captions: list[str], table: pa.Table, rou
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="also write the figures as a flat JSON object")
+    parser = harness.parser(__doc__)
     parser.add_argument("--captions", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one stage pass")
@@ -118,7 +112,7 @@ def main() -> int:
         "chunks": t["chunks"],
     }
     print(f"{n} captions, spaCy {stage.config.model} with {stage.nlp.pipe_names}, "
-          f"batch_size {stage.config.batch_size}, nlp.pipe batch {stage.config.pipe_batch_size}, "
+          f"batch_size {stage.execution.batch_size}, nlp.pipe batch {stage.execution.pipe_batch_size}, "
           f"mean of {args.rounds} round(s), timed in pairs batch by batch; one process, one core")
     print(f"{'':14}{'captions/CPU-s':>16}{'captions/s (wall)':>19}")
     print(f"{'raw nlp.pipe':14}{figures['raw_captions_per_cpu_s']:>16.0f}{figures['raw_captions_per_s']:>19.0f}")
@@ -130,14 +124,12 @@ def main() -> int:
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        for offset in range(0, table.num_rows, stage.config.batch_size):
-            time_stage(stage, table.slice(offset, stage.config.batch_size))
+        for offset in range(0, table.num_rows, stage.execution.batch_size):
+            time_stage(stage, table.slice(offset, stage.execution.batch_size))
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
 
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(figures, indent=1) + "\n")
+    harness.write_figures(figures, args.out)
     return 0
 
 

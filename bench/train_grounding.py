@@ -8,8 +8,8 @@ is the same run as the README's
 
     grit synth --out /tmp/synth-train --shards 8 --seed 0
     grit synth --out /tmp/synth-heldout --shards 1 --seed 1
-    grit train --shards /tmp/synth-train --out /tmp/model --steps 1200
-    grit eval  --shards /tmp/synth-heldout --ckpt /tmp/model
+    grit train --data /tmp/synth-train --out /tmp/model --steps 1200
+    grit eval  --data /tmp/synth-heldout --ckpt /tmp/model
 
 (`grit synth` defaults: 1,000 rows per shard, 1 to 3 shapes per scene, "a red circle to the left of a blue
 square"). Prints the figures and, with --out, writes them as JSON (config, steps done, seconds, load
@@ -28,17 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # first: this checkout on sys.path, the offline environment
 
-from grit_pipeline.train.config import TrainConfig, load_config  # noqa: E402
-from grit_pipeline.train.evaluate import evaluate  # noqa: E402
-from grit_pipeline.train.synth import SynthConfig, write_synth  # noqa: E402
-from grit_pipeline.train.trainer import train  # noqa: E402
+from grit_pipeline.train.config import TrainConfig, load_config
+from grit_pipeline.train.evaluate import evaluate
+from grit_pipeline.train.synth import SynthConfig, write_synth
+from grit_pipeline.train.trainer import train
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness.parser(__doc__)
     ap.add_argument("--workdir", default=None, help="Where shards and checkpoints go and stay (default: a temp "
                     "dir, deleted at the end). Existing shards there are reused.")
     ap.add_argument("--minutes", type=float, default=10.0, help="Wall-clock training budget.")
@@ -50,7 +49,6 @@ def main() -> None:
                     help="Rows of the one held-out shard (seed 1).")
     ap.add_argument("--max-objects", type=int, default=SynthConfig().max_objects,
                     help="Shapes per synthetic scene: 1 to this many.")
-    ap.add_argument("--out", default=None, help="Write the figures here as JSON.")
     ap.add_argument("overrides", nargs="*", help="TrainConfig overrides, key=value.")
     args = ap.parse_args()
     if args.workdir:
@@ -108,9 +106,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
           f"mean held-out box {result['baseline_heldout_mean_box_accuracy']:.3f}")
     print(f"mean IoU {figures['mean_iou']:.3f}; location-token cross-entropy {figures['location_ce']:.3f} "
           f"(uniform {figures['location_ce_uniform']:.3f})")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    harness.write_figures(result, args.out)
 
 
 if __name__ == "__main__":

@@ -17,19 +17,13 @@ _API = ("run_pipeline", "plan")  # `stats`, `validate`: grit_pipeline.api (names
 __all__ = ["__version__", *_API]
 
 
-def _installed_version() -> str:
-    """The version of the installed distribution (pyproject.toml's `version`, the one place it is set)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("grit-pipeline")
-    except PackageNotFoundError:  # a source tree on sys.path that was never installed
-        return "0+unknown"
 
 
 def __getattr__(name: str) -> Any:
     if name == "__version__":
-        return _installed_version()
+        from grit_pipeline.version import __version__
+
+        return __version__
     if name in _API:
         from grit_pipeline import api
 

@@ -13,9 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from grit_pipeline.commands.validate import ValidationReport, validate_run
 from grit_pipeline.config import load_config
-from grit_pipeline.engine import RunPlan, RunResult, build_plan, execute, summary_from_run
-from grit_pipeline.validate import ValidationReport, validate_run
+from grit_pipeline.engine.plan import RunPlan, build_plan
+from grit_pipeline.engine.runner import RunResult, execute
+from grit_pipeline.engine.summary import summary_from_run
 
 
 def resolve_config(config: str | Path | Mapping[str, Any] | BaseModel | None = None,

@@ -1,5 +1,5 @@
 """The `grit` command line: `run`, `plan`, `stats`, `validate`, plus the commands other modules register
-(`report`, `inspect`, `train`, `eval`, `synth`, `export`, `download`).
+(`report`, `inspect`, `train`, `eval`, `synth`, `export`, `download`, `calibrate`).
 
     grit run -c configs/demo.yaml --input data/sample --output runs/demo select.min_score=0.7
     grit plan -c configs/demo.yaml --input data/sample --output runs/demo
@@ -7,7 +7,13 @@
     grit validate runs/demo
 
 Start-up stays fast: nothing heavy (torch, spaCy, Ray) is imported until a command needs it.
-Exit codes: 0 success, 1 some shards failed or validation found problems, 2 bad config or arguments.
+
+Errors: every sub-command runs inside `GritGroup.invoke`, the one place that turns a user-facing error
+(`grit_pipeline.errors`: `UserError` -- config, plan, not a run, a file that is not what it should be -- and
+the OS errors about a path) into `error: <message>` on stderr, escaped for display, and its exit code; with
+`grit --debug` or `GRIT_DEBUG=1` the traceback is shown instead. Any other exception is a bug and keeps its
+traceback. Exit codes: 0 success, 1 some shards failed / a download failed / validation found problems,
+2 a usage, config or input error, 130/143 a run stopped by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,12 +26,30 @@ import sys
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
-from grit_pipeline.cli_options import JsonOpt
+from grit_pipeline.commands.options import JsonOpt
+from grit_pipeline.errors import FAILED_EXIT, PATH_ERRORS, USAGE_EXIT, UserError, user_message
 from schemas.location import LocationEncoder
 from stages.registry import StageName
 
+
+class GritGroup(TyperGroup):
+    """The `grit` command group; its `invoke` runs every sub-command, so its error handling covers them all
+    (module docstring)."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (UserError, *PATH_ERRORS) as e:
+            if ctx.params.get("debug"):
+                raise
+            typer.echo(f"error: {user_message(e)}", err=True)
+            raise typer.Exit(getattr(e, "exit_code", USAGE_EXIT)) from None
+
+
 app = typer.Typer(
+    cls=GritGroup,
     name="grit",
     help="Build GrIT (the grounded image-text corpus of Kosmos-2) from image-caption data on Ray.",
     no_args_is_help=True,
@@ -34,12 +58,12 @@ app = typer.Typer(
 )
 
 # Modules that add their own commands through `register(app)`; each is imported only if it exists.
-COMMAND_MODULES = ("grit_pipeline.report.commands", "grit_pipeline.train.commands", "grit_pipeline.download",
-                   "grit_pipeline.status_cli")
+COMMAND_MODULES = ("grit_pipeline.report.commands", "grit_pipeline.train.commands", "grit_pipeline.commands.download",
+                   "grit_pipeline.commands.status_cli", "grit_pipeline.commands.calibrate")
 
 # Options shared by several commands; the trainer's and the report's commands use the same flag names
 # (`--config/-c`, `--out/--output/-o`, `--json`, `--seed`, `--sample/-n`); `--json` and the run directory
-# argument are defined once for all of them in `grit_pipeline.cli_options`.
+# argument are defined once for all of them in `grit_pipeline.commands.options`.
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config; stage defaults without one.")]
 InputOpt = Annotated[str | None, typer.Option("--input", "-i", help="Source URI (img2dataset folder, Parquet, ...).")]
 OutputOpt = Annotated[str, typer.Option("--output", "--out", "-o",
@@ -54,7 +78,7 @@ ToOpt = Annotated[StageName | None, typer.Option("--to", help="Last stage to run
 
 def _print_version(value: bool) -> None:
     if value:
-        from grit_pipeline import __version__
+        from grit_pipeline.version import __version__
 
         typer.echo(f"grit-pipeline {__version__}")
         raise typer.Exit()
@@ -64,8 +88,10 @@ def _print_version(value: bool) -> None:
 def _main(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the grit-pipeline version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", envvar="GRIT_DEBUG",
+                                        help="Show the full traceback of an error instead of one line.")] = False,
 ) -> None:
-    pass
+    pass  # `debug` is read by GritGroup.invoke
 
 
 def _console():
@@ -89,8 +115,10 @@ def _load(config: str | None, overrides: list[str] | None, address: str | None =
     return load_config(config, extra)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+def _fail(message: str, code: int = USAGE_EXIT) -> None:
+    from schemas.display import display_text
+
+    typer.echo(f"error: {display_text(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -110,36 +138,34 @@ def run(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Run the pipeline: every stage over every pending shard, committing shard by shard."""
-    from grit_pipeline.config import ConfigError
-    from grit_pipeline.engine import PlanError, build_plan, execute, shards_of
+    from grit_pipeline.config import shards_of
+    from grit_pipeline.engine.plan import build_plan
+    from grit_pipeline.engine.runner import execute
     from grit_pipeline.logs import basic_config  # escapes control characters in log lines
-    from grit_pipeline.runlog import LOG_FORMAT
+    from grit_pipeline.rundir.runlog import LOG_FORMAT
     from schemas.display import display_text
 
     basic_config(level=logging.INFO, format=LOG_FORMAT)
-    try:
-        cfg = _load(config, overrides, address, num_cpus, no_progress)
-        plan = build_plan(cfg, input_uri=input, output_uri=output, shards=shards, limit=limit,
-                          from_stage=from_stage, to_stage=to_stage)
-    except (ConfigError, PlanError, ValueError) as e:
-        _fail(str(e))
-    from grit_pipeline.lease import LeaseHeld, LeaseLost
+    cfg = _load(config, overrides, address, num_cpus, no_progress)
+    plan = build_plan(cfg, input_uri=input, output_uri=output, shards=shards, limit=limit,
+                      from_stage=from_stage, to_stage=to_stage)
+    from grit_pipeline.rundir.lease import LeaseHeld, LeaseLost
 
     try:
         result = execute(plan, command=resume_command())
-    except (PlanError, LeaseHeld) as e:
-        _fail(display_text(str(e)))
+    except LeaseHeld as e:
+        _fail(str(e))
     except LeaseLost as e:  # taken over mid-run: this run stopped writing; its committed shards stay
-        _fail(display_text(str(e)), 1)
+        _fail(str(e), FAILED_EXIT)
     except OSError as e:  # the run directory itself cannot be written
-        _fail(f"cannot write the run directory {output}: {e}", 1)
+        _fail(f"cannot write the run directory {output}: {e}", FAILED_EXIT)
     console = _console()
     total = len(plan.shards)
     for outcome in result.stages:
         console.print(f"{outcome.name:<8} {outcome.fingerprint}  computed {len(outcome.computed)}  "
                       f"cached {len(outcome.cached)}  failed {len(outcome.failed)}  "
                       f"committed {len(outcome.computed) + len(outcome.cached)} of {total}", markup=False)
-    from grit_pipeline.stats import funnel_table
+    from grit_pipeline.commands.stats import funnel_table
 
     console.print(funnel_table(result.summary))
     console.print(f"final shards: {plan.rundir.url('grit')} ({shards_of(result.final_shards) or 'none'})",
@@ -153,7 +179,7 @@ def run(
         typer.echo(f"  {resume_command()}")  # one line, never wrapped: it is meant to be copied
         raise typer.Exit(result.exit_code)
     if not result.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED_EXIT)
 
 
 def resume_command() -> str:
@@ -176,15 +202,12 @@ def plan(
     as_json: JsonOpt = False,
 ) -> None:
     """Dry run: resolved config, stages with resources and fingerprints, cached and pending shards."""
-    from grit_pipeline.config import ConfigError, dump_config
-    from grit_pipeline.engine import PlanError, build_plan, shards_of
+    from grit_pipeline.config import dump_config, shards_of
+    from grit_pipeline.engine.plan import build_plan
 
-    try:
-        cfg = _load(config, overrides)
-        p = build_plan(cfg, input_uri=input, output_uri=output, shards=shards, limit=limit,
-                       from_stage=from_stage, to_stage=to_stage)
-    except (ConfigError, PlanError, ValueError) as e:
-        _fail(str(e))
+    cfg = _load(config, overrides)
+    p = build_plan(cfg, input_uri=input, output_uri=output, shards=shards, limit=limit,
+                   from_stage=from_stage, to_stage=to_stage)
     if as_json:
         typer.echo(json.dumps({**p.to_dict(), "config": json.loads(json.dumps(p.config.model_dump(mode="json")))},
                               indent=2))
@@ -211,14 +234,11 @@ def stats(
     as_json: JsonOpt = False,
 ) -> None:
     """The merged funnel of a run: rows in/out and rejects by reason per stage."""
-    from grit_pipeline.engine import PlanError, summary_from_run
-    from grit_pipeline.stats import funnel_table
+    from grit_pipeline.commands.stats import funnel_table
+    from grit_pipeline.engine.summary import summary_from_run
     from schemas.display import display_text
 
-    try:
-        summary = summary_from_run(run_dir)
-    except (PlanError, FileNotFoundError) as e:
-        _fail(str(e))
+    summary = summary_from_run(run_dir)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
@@ -235,24 +255,31 @@ def validate(
     path: Annotated[str, typer.Argument(help="Run directory (checks grit/), a folder of shards or one file.")],
     encoder: Annotated[LocationEncoder | None, typer.Option(
         "--encoder", help="Location encoder the grounded captions were built with; default: the run's.")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", min=1, help="Shards read and checked at once (each is held in memory while checked).")] = 4,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check final shards against the GRIT schema and invariants; exit 1 on any problem."""
-    from grit_pipeline.validate import validate_run
+    """Check final shards against the GRIT schema and invariants; exit 1 on any problem.
 
-    report = validate_run(path, encoder=encoder)
+    Memory stays bounded whatever the run's size: --workers shards are
+    checked at once, then a k-way merge of their sorted key hashes (64 files
+    at once, about 100 MB) finds keys in two shards, confirmed with the real
+    keys."""
+    from grit_pipeline.commands.validate import validate_run
+
+    report = validate_run(path, encoder=encoder, workers=workers)
     if as_json:  # `ok` is false when no shard was found
         typer.echo(json.dumps({"files": report.files, "rows": report.rows, "ok": report.ok,
                                "problems": [str(p) for p in report.problems]}, indent=2))
-        raise typer.Exit(0 if report.ok else 1)
+        raise typer.Exit(0 if report.ok else FAILED_EXIT)
     for p in report.problems[:200]:
         typer.echo(str(p), err=True)
     if not report.files:
-        _fail(f"{path}: no final shards found", 1)
+        _fail(f"{path}: no final shards found", FAILED_EXIT)  # nothing to validate fails the validation
     status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
     typer.echo(f"{len(report.files)} shard(s), {report.rows:,} rows: {status}")
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED_EXIT)
 
 
 def _register_commands() -> None:

@@ -3,7 +3,7 @@
 `PipelineConfig` has a field per stage in `stages.registry.STAGE_ORDER`, typed by that stage's own
 pydantic `Config` (semantic: every field is fingerprinted), and a `run` section (`RunConfig`) for how and
 where it runs. Every execution knob lives in one place, `run.resources.<stage>`, typed by the stage's
-`Execution` model (batch and pool sizes, CPUs, GPUs, device, precision, ...): changing one never changes
+`Execution` model (batch and pool sizes, CPUs, GPUs, device, ...): changing one never changes
 a fingerprint or a row. `run` never changes outputs, except `run.input` and `run.limit`, which decide
 what ingest reads.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,15 +27,16 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from grit_pipeline.errors import UserError, yaml_problem
+from grit_pipeline.shard_ranges import ShardRanges
 from stages.registry import STAGE_ORDER, stage_class
 
 # Keys `grit run` writes into run.yaml for readers (report, stats); not part of the config.
-RUN_YAML_INFO_KEYS = ("fingerprints", "layout", "planned_shards")
-
-_SHARD_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+RUN_YAML_INFO_KEYS = ("fingerprints", "layout", "planned_shards", "allowed_images")
 
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be used; the message names the key and what to do."""
 
 
@@ -71,7 +71,7 @@ class RunConfig(BaseModel):
     # run keeps memory and disk bounded.
     shards_ahead: int = Field(2, ge=0)
     progress: bool = True  # progress bars, one per stage
-    # One `grit run` per run directory (`grit_pipeline.lease`): a lease whose heartbeat (refreshed every
+    # One `grit run` per run directory (`grit_pipeline.rundir.lease`): a lease whose heartbeat (refreshed every
     # 30 s, or a quarter of this if less) is older than this many seconds belongs to a dead run and is
     # taken over.
     lease_stale_s: float = Field(600.0, gt=0)
@@ -102,18 +102,18 @@ class RunConfig(BaseModel):
 
 
 def parse_shard_spec(spec: str | int) -> set[int]:
-    """`"0-9,12"` -> {0, ..., 9, 12}. Ranges are inclusive."""
-    out: set[int] = set()
-    for part in str(spec).split(","):
-        m = _SHARD_RANGE.match(part)
-        if not m:
-            raise ValueError(f"bad shard selection {part.strip()!r} in {spec!r}; use e.g. 3, 0-9 or 0-4,7")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise ValueError(f"empty shard range {part.strip()!r} in {spec!r}")
-        out.update(range(lo, hi + 1))
-    return out
+    """`"0-9,12"` -> {0, ..., 9, 12}. Ranges are inclusive (`grit_pipeline.shard_ranges`)."""
+    if not str(spec).strip():
+        raise ConfigError(f"bad shard selection {spec!r}; use e.g. 3, 0-9 or 0-4,7")
+    try:
+        return set(ShardRanges.parse(spec))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def shards_of(values: Any) -> str:
+    """Compact text of shard numbers: [0, 1, 2, 5] -> '0-2,5'."""
+    return str(ShardRanges(values))
 
 
 @functools.cache
@@ -189,7 +189,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML file (not UTF-8 text)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -242,7 +244,13 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any, root: type[BaseModel] 
 
 
 def moved_key_hint(parts: Sequence[str]) -> str | None:
-    """For `detect.batch_size` and other execution settings written in a stage's section: where they live."""
+    """For `detect.batch_size` and other execution settings written in a stage's section, or a semantic
+    setting under `run.resources` (`run.resources.detect.precision`, moved in detect v3): where they live."""
+    if len(parts) == 4 and tuple(parts[:2]) == ("run", "resources") and parts[2] in STAGE_ORDER:
+        stage, field = parts[2], parts[3]
+        if field in stage_class(stage).Config.model_fields:
+            return f"{field!r} changes the stage's output, so it is part of its config: set {stage}.{field} instead"
+        return None
     if len(parts) != 2 or parts[0] not in STAGE_ORDER:
         return None
     stage, field = parts

@@ -65,7 +65,7 @@ def run_demo(run_dir: str | Path = DEFAULT_RUN_DIR, overrides: Sequence[str] = (
              report: bool = True, progress: bool = True) -> DemoResult:
     """Run the demo pipeline into `run_dir`, build the report, validate the shards."""
     from grit_pipeline.api import run_pipeline
-    from grit_pipeline.validate import validate_run
+    from grit_pipeline.commands.validate import validate_run
 
     if not DEMO_CONFIG.exists():
         raise FileNotFoundError(f"{DEMO_CONFIG}: the demo config is missing; run the demo from a clone of the "
@@ -109,7 +109,7 @@ def print_result(res: DemoResult) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    from grit_pipeline.stats import funnel_table
+    from grit_pipeline.commands.stats import funnel_table
 
     console = Console()
     console.print(funnel_table(res.summary))

@@ -28,6 +28,9 @@ class RejectReason(str, Enum):
     MISSING_IMAGE = "missing_image"
     DUPLICATE_KEY = "duplicate_key"
     BAD_SOURCE_ROW = "bad_source_row"
+    # ingest, and every later reader of image references (stages.image_refs)
+    IMAGE_NOT_ALLOWED = "image_not_allowed"  # outside the source folder and ingest.external_images
+    IMAGE_WEB_URL = "image_web_url"  # http(s): never fetched by the pipeline (`grit download` does that)
     # chunks
     UNSAFE_CAPTION = "unsafe_caption"
     NO_CHUNKS = "no_chunks"

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.tables import REJECT_SCHEMA
 
@@ -22,7 +22,8 @@ from schemas.tables import REJECT_SCHEMA
 class StageConfig(BaseModel):
     """Base of every stage's *semantic* config: every field may change the stage's output, so every field
     is part of the stage's fingerprint. Unknown keys are errors, so a typo in `select.min_scor=` fails
-    loudly. How a stage runs (batch sizes, pools, GPUs, device, precision) lives in its `Execution`."""
+    loudly. How a stage runs (batch sizes, pools, GPUs, device) lives in its `Execution`; a knob that moves
+    outputs (detect's numeric precision) is semantic, whatever its name suggests."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -54,11 +55,23 @@ class ActorExecution(Execution):
 
 class PreparedExecution(ActorExecution):
     """Execution of an actor stage with a CPU `prepare_batch` (detect: image reading and decoding) that
-    runs in tasks ahead of the actors."""
+    runs in tasks ahead of the actors. The engine cuts a shard into parts (`Resources.part_rows` rows):
+    one prepare task and one actor call per part, the actor running `process_batch` over the part in
+    slices of `Resources.batch_size` rows."""
 
-    queued_batches: int = Field(
-        8, ge=1, description="Prepared batches waiting per actor: enough that the actors never wait on the "
-        "prepare step, few enough that prepared data (decoded pixels) stays bounded in memory.")
+    queued_parts: int | None = Field(
+        1, ge=0, description="Prepared parts per actor besides the one it runs (being prepared, waiting, or "
+        "queued at the actor); 1 lets the next part be prepared while the actor runs one, 0 makes the actor "
+        "wait for each. Prepared data (detect: decoded pixels) stays within pool_size x (1 + queued_parts) "
+        "full parts of the stage (a small shard's smaller parts count by their rows).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "queued_batches" in data:
+            raise ValueError("queued_batches was replaced by queued_parts: whole parts (detect: part_rows rows) "
+                             "waiting per actor besides the one it runs")
+        return data
 
 
 class Resources(BaseModel):
@@ -70,6 +83,8 @@ class Resources(BaseModel):
     gpus: float = 0.0
     actor: bool = False  # keep model state in a long-lived actor pool
     batch_size: int | None = None  # rows per process_batch call; None = one call per shard
+    part_rows: int | None = None  # a stage run in parts: rows per part (a prepare task, an actor call); None = batch_size
+    queued_parts: int = 1  # a stage run in parts: prepared parts per actor besides the one it runs
     pool_size: int = 1  # actors in the pool, when actor=True
 
 
@@ -78,7 +93,7 @@ class StageResult:
     output: pa.Table
     rejects: pa.Table
     # Counts of things the stage did to rows it passed on, by name (e.g. ingest's "control_chars_removed");
-    # the engine adds them to the shard's stats (`grit_pipeline.stats.shard_stats(counters=...)`).
+    # the engine adds them to the shard's stats (`grit_pipeline.engine.stats.shard_stats(counters=...)`).
     counters: dict[str, int] = field(default_factory=dict)
 
 
@@ -138,7 +153,9 @@ class Stage(ABC, Generic[ConfigT]):
         """What the engine schedules; by default one task per shard with `execution.cpus`."""
         ex = self.execution
         if isinstance(ex, ActorExecution):
-            return Resources(cpus=ex.cpus, actor=True, batch_size=ex.batch_size, pool_size=ex.pool_size)
+            queued = ex.queued_parts if isinstance(ex, PreparedExecution) and ex.queued_parts is not None else 1
+            return Resources(cpus=ex.cpus, actor=True, batch_size=ex.batch_size, pool_size=ex.pool_size,
+                             queued_parts=queued)
         return Resources(cpus=ex.cpus)
 
     def setup(self) -> None:

@@ -4,7 +4,8 @@ Two steps, so the GPU never waits on JPEG decoding:
 
 - `prepare_batch` (CPU, run by the engine in Ray tasks ahead of the GPU actors): read each row's image
   (`stages.image_reader`: one ranged read per image, or per run of neighbouring tar members, from
-  `image_ref`/`image_offset`/`image_size`), decode and resize it to the detector's input size
+  `image_ref`/`image_offset`/`image_size`; only references `allowed_images` allows, never http(s):
+  others are rejected `image_not_allowed`/`image_web_url` unread), decode and resize it to the detector's input size
   (`stages.images`), and pass the pixels on as Arrow columns `pixels` (uint8 HWC RGB bytes), `pix_h`,
   `pix_w`, with the original size in `img_w`, `img_h`. Unreadable/undecodable/too large/too small images
   become rejects. The replay backend needs no pixels, but unless `check_images` is false it still reads
@@ -12,9 +13,17 @@ Two steps, so the GPU never waits on JPEG decoding:
   JPEG draft scale), adding only `img_w`, `img_h`. A transient read error that outlasts its retries
   raises, failing the shard (a re-run retries it), never rejecting rows.
 - `process_batch` (GPU actor, model loaded once in `setup`): one forward pass per image with all of its
-  chunks in one prompt, batched across images, and the raw candidates out: every (box, chunk) pair
-  scoring at least `floor`, at most `max_candidates` per image, before threshold or NMS, so `select`
-  re-thresholds on CPU without re-running this stage.
+  chunks in one prompt, batched across images of one pixel size, and the raw candidates out: every
+  (box, chunk) pair scoring at least `floor`, each chunk's best `chunk_candidates` and at most
+  `max_candidates` per image besides, before threshold or NMS, so `select` re-thresholds on CPU without
+  re-running this stage.
+
+Scores follow the paper's detector (see stages/detectors/README.md, "Scores"): the prompt is the caption
+itself, normalized and lower-cased as GroundingDINO's token-span mode feeds it, each chunk located by its
+char span (GLIP's phrase grounding); a chunk's score is the mean of its tokens' probabilities (GLIP's
+`score_agg` MEAN, GroundingDINO's normalized positive map); resizing follows GroundingDINO's
+`get_size_with_aspect_ratio`; the forward pass runs in fp32 unless `precision` says otherwise, and
+`precision` is part of the fingerprint.
 
 Backends (`stages.detectors`): `groundingdino` (official code), `hf` (transformers GroundingDINO or
 OWLv2) and `replay` (precomputed boxes or GRIT-20M's own `noun_chunks`; needs no image at all).
@@ -33,8 +42,9 @@ from schemas.rows import RejectReason
 from schemas.tables import CANDIDATE_TYPE, DETECT_SCHEMA, REJECT_SCHEMA
 from stages.base import Execution, Resources, Stage, StageConfig, StageResult
 from stages.detectors import ChunkPrompt, Detections, ImageInput, build_detector, resize_spec
-from stages.detectors.config import REPLAY_PART_ROWS, DetectConfig, DetectExecution
+from stages.detectors.config import REPLAY_QUEUED_PARTS, DetectConfig, DetectExecution, default_part_rows
 from stages.image_reader import locations_of, read_images
+from stages.image_refs import ImageAllowList
 from stages.images import DecodeLimits, ImageFailure, check_image, decode_image
 
 # columns prepare_batch adds for process_batch (never written: the stage's output is DETECT_SCHEMA)
@@ -44,10 +54,16 @@ SOURCE_BOXES = "src_noun_chunks"
 
 class DetectStage(Stage[DetectConfig]):
     name: ClassVar[str] = "detect"
-    version: ClassVar[int] = 2  # 2: ranged image reads; replay checks images (check_images)
+    # 2: ranged image reads; replay checks images (check_images). 3: mean chunk scores over caption prompts,
+    # precision fingerprinted, batches of one pixel size, a per-chunk reserve under the cap, the official resize
+    version: ClassVar[int] = 3
     Config: ClassVar[type[StageConfig]] = DetectConfig
     Execution: ClassVar[type[Execution]] = DetectExecution
     output_schema: ClassVar[pa.Schema] = DETECT_SCHEMA
+    # Which image references prepare_batch reads (`stages.image_refs`). The engine sets the run's list (its
+    # input folder and ingest.external_images, as ingest checked them); a DetectStage used on its own reads
+    # any local path or object-store URI. Never http(s).
+    allowed_images: ImageAllowList = ImageAllowList(anywhere=True)
 
     def __init__(self, config: DetectConfig | None = None, execution: DetectExecution | None = None):
         super().__init__(config, execution)
@@ -65,9 +81,12 @@ class DetectStage(Stage[DetectConfig]):
         # for an hf model it loads the model's config (transformers, maybe the hub) just to plan
         replay = self.config.backend == "replay"
         uses_gpu = not replay and ex.device != "cpu"
-        part_rows = ex.part_rows or (REPLAY_PART_ROWS if replay else ex.batch_size)
+        part_rows = ex.part_rows or default_part_rows(ex.batch_size)
+        queued = ex.queued_parts if ex.queued_parts is not None else (REPLAY_QUEUED_PARTS if replay else 1)
+        # process_batch per forward batch (the actor loops over a part), or per part for the replay backend
         return Resources(cpus=ex.cpus, gpus=ex.gpus if uses_gpu else 0.0, actor=True,
-                         batch_size=part_rows, pool_size=ex.pool_size)
+                         batch_size=part_rows if replay else ex.batch_size, part_rows=part_rows,
+                         queued_parts=queued, pool_size=ex.pool_size)
 
     def setup(self) -> None:
         if self._detector is None:
@@ -89,7 +108,8 @@ class DetectStage(Stage[DetectConfig]):
         keys = table.column("key").to_pylist()
         keep = np.zeros(len(keys), bool)
         pixels, pix_h, pix_w, img_w, img_h = [], [], [], [], []
-        blobs = read_images(locations_of(table), self.config.max_image_bytes)
+        blobs = read_images(locations_of(table), self.config.max_image_bytes,
+                            allowed=self.allowed_images)
         for i, (key, blob) in enumerate(zip(keys, blobs, strict=True)):
             decoded = blob if isinstance(blob, ImageFailure) else decode_image(blob, spec, limits)
             if isinstance(decoded, ImageFailure):
@@ -127,8 +147,8 @@ class DetectStage(Stage[DetectConfig]):
         keep = np.zeros(len(keys), bool)
         img_w: list[int | None] = []
         img_h: list[int | None] = []
-        for i, (key, loc, blob) in enumerate(zip(keys, locations, read_images(locations, self.config.max_image_bytes),
-                                                 strict=True)):
+        blobs = read_images(locations, self.config.max_image_bytes, allowed=self.allowed_images)
+        for i, (key, loc, blob) in enumerate(zip(keys, locations, blobs, strict=True)):
             if loc is None and not every_row:
                 checked: tuple[int | None, int | None] | ImageFailure = (None, None)
             else:

@@ -3,8 +3,11 @@ step, the trainer's image loader, the report's thumbnails and `grit inspect --pn
 
 A row's image is an `ImageLocation`: its `image_ref` (an fsspec URL, or `tar://<member>::<tar url>` for a
 webdataset member) and, for a tar member, where its data sits in the tar (`image_offset`, `image_size`,
-recorded by ingest from the tar's headers). `read_images(locations)`:
+recorded by ingest from the tar's headers). `read_images(locations, allowed=...)`:
 
+0. reads only references that the caller's allow-list allows (`stages.image_refs.check_refs`: never
+   http(s), nothing outside the run's input and `ingest.external_images`); the others fail with the
+   check's reason and detail, and nothing is requested for them;
 1. refuses members larger than `max_bytes` (`image_too_large`) before reading anything;
 2. groups the byte ranges by file, sorts them by offset and coalesces ranges that are adjacent or nearly
    so (gaps up to `GAP_BYTES`, requests up to `MAX_REQUEST_BYTES`), then fetches them with one
@@ -36,11 +39,11 @@ import fsspec
 import pyarrow as pa
 
 from schemas.rows import RejectReason
+from stages.image_refs import TAR_PREFIX, ImageAllowList, check_refs
 from stages.images import ImageFailure
 from stages.retry import PERMANENT, TransientIOError, is_transient, with_retries
 from stages.tar_index import TarMember, member_name, read_tar_index
 
-TAR_PREFIX = "tar://"
 DEFAULT_MAX_BYTES = 64 * 2**20  # an encoded image larger than this is refused before it is read
 GAP_BYTES = 256 * 2**10  # ranges of one file at most this far apart are fetched with one request
 MAX_REQUEST_BYTES = 16 * 2**20  # a coalesced request grows no larger (one image alone may be larger)
@@ -109,15 +112,21 @@ class _Request:
     wants: list[_Want] = field(default_factory=list)
 
 
-def read_images(locations: Sequence[ImageLocation | None],
-                max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes | ImageFailure]:
-    """The encoded bytes at each location, in order, or why they cannot be had (module docstring).
-    Raises `TransientIOError` when a transient error outlasts its retries."""
+def read_images(locations: Sequence[ImageLocation | None], max_bytes: int = DEFAULT_MAX_BYTES, *,
+                allowed: ImageAllowList) -> list[bytes | ImageFailure]:
+    """The encoded bytes at each location, in order, or why they cannot be had (module docstring). Only
+    references that `allowed` allows are read (`stages.image_refs.check_refs`); the others fail with the
+    check's reason (`image_not_allowed`, `image_web_url`) without a request. Raises `TransientIOError` when
+    a transient error outlasts its retries."""
     results: list[bytes | ImageFailure] = [ImageFailure(UNREADABLE, "row has no image_ref")] * len(locations)
     tar_indexes: dict[str, dict[str, TarMember] | ImageFailure] = {}
     wants: list[_Want] = []
+    refusals = check_refs([loc.ref if loc is not None and loc.ref else None for loc in locations], allowed)
     for i, loc in enumerate(locations):
         if loc is None or not loc.ref:
+            continue
+        if refusals[i] is not None:
+            results[i] = ImageFailure(refusals[i].reason, refusals[i].detail)
             continue
         located = _locate(i, loc, max_bytes, tar_indexes)
         if isinstance(located, _Want):

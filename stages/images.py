@@ -56,10 +56,11 @@ class ResizeSpec:
     """A model's input size.
 
     `shorter`: the shorter side becomes `size`, unless the longer side would then exceed `max_size`
-    (DETR / GroundingDINO: 800 and 1333). `longer`: the longer side becomes `size` (OWLv2, which then
-    pads to a square). `square`: `size` x `size`, the aspect ratio not kept (Kosmos-2's preprocessing,
-    under which normalized boxes stay valid). Images are scaled up as well as down, as the models were
-    trained that way.
+    (DETR / GroundingDINO: 800 and 1333), to the pixel as the official GroundingDINO resize computes it
+    (`get_size_with_aspect_ratio` in its `datasets/transforms.py`, see `target`). `longer`: the longer side
+    becomes `size` (OWLv2, which then pads to a square). `square`: `size` x `size`, the aspect ratio not
+    kept (Kosmos-2's preprocessing, under which normalized boxes stay valid). Images are scaled up as well
+    as down, as the models were trained that way.
     """
 
     size: int = 800
@@ -73,11 +74,18 @@ class ResizeSpec:
         short, long = min(width, height), max(width, height)
         if self.mode == "longer":
             scale = self.size / long
-        else:
-            scale = self.size / short
-            if self.max_size is not None and long * scale > self.max_size:
-                scale = self.max_size / long
-        return max(1, round(width * scale)), max(1, round(height * scale))
+            return max(1, round(width * scale)), max(1, round(height * scale))
+        # GroundingDINO's rule, in its float operations and their order: the shorter side is `size`, or
+        # max_size * short / long rounded (Python's round) when the longer side would pass max_size; the
+        # longer side is then truncated, not rounded; an image already at that size is left as it is.
+        # Only a shorter side that would round to 0 (aspect ratio over 2 * max_size) is held at 1.
+        new_short = self.size
+        if self.max_size is not None and float(long) / float(short) * new_short > self.max_size:
+            new_short = max(1, int(round(self.max_size * float(short) / float(long))))
+        if short == new_short:
+            return width, height
+        new_long = int(new_short * long / short)
+        return (new_short, new_long) if width < height else (new_long, new_short)
 
 
 @dataclass(frozen=True)

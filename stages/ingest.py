@@ -15,8 +15,10 @@ character. Format-specific reading lives in `stages.sources`, one module per
 format; this module holds the config and the format-independent checks.
 
 Rejects (each input row gets at most one; the first that applies wins, in this order):
-  (reader)          what `read` found: bad_source_row (unparseable row, no key) or download_failed
-                    (img2dataset `status != "success"`, detail = its error_message)
+  (reader)          what `read` found: bad_source_row (unparseable row, no key), download_failed
+                    (img2dataset `status != "success"`, detail = its error_message), image_not_allowed
+                    (an image reference outside the source folder and `external_images`) or
+                    image_web_url (an http(s) reference: never fetched), by `stages.image_refs`
   bad_source_row    the key is empty, longer than 256 characters, or holds `/`, `\\`, `..` or a
                     control character (keys become parts of URLs and paths in tools downstream)
   missing_image     the row's image is not where the source says (only when require_image)
@@ -24,11 +26,12 @@ Rejects (each input row gets at most one; the first that applies wins, in this o
   caption_too_long  more than max_caption_chars characters after whitespace normalization
   duplicate_key     a key already kept earlier in the same shard (the first occurrence is kept).
                     A key in two shards is caught later, when final shards are published in shard order
-                    (`grit_pipeline.publish`): the higher shard's row is rejected there.
+                    (`grit_pipeline.engine.publish`): the higher shard's row is rejected there.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import ClassVar
 
@@ -39,11 +42,21 @@ import pyarrow.compute as pc
 from schemas.rows import RejectReason
 from schemas.tables import INGEST_COLUMNS, INGEST_FIELDS, INGEST_SCHEMA
 from stages.base import Execution, Stage, StageConfig, StageResult
+from stages.image_refs import ImageAllowList
 from stages.sources import READERS, SourceSchemaError, SourceShard, detect_format
-from stages.sources.base import DETAIL_COL, IMAGE_MISSING_COL, REJECT_COL, RESERVED_COLUMNS
+from stages.sources.base import (
+    DETAIL_COL,
+    IMAGE_MISSING_COL,
+    REJECT_COL,
+    RESERVED_COLUMNS,
+    parent_uri,
+    url_to_fs,
+)
 from stages.sources.config import IngestConfig
 
 __all__ = ["IngestConfig", "IngestStage", "SourceSchemaError", "SourceShard"]
+
+log = logging.getLogger(__name__)
 
 # Unicode White_Space, in RE2 syntax: RE2's \s is ASCII-only and lacks \v; \p{Z} adds NBSP, the
 # ideographic space and the line/paragraph separators; U+0085 is NEL.
@@ -56,7 +69,9 @@ MAX_KEY_CHARS = 256
 
 class IngestStage(Stage[IngestConfig]):
     name: ClassVar[str] = "ingest"
-    version: ClassVar[int] = 2  # 2: image_offset/image_size; control characters removed from captions
+    # 2: image_offset/image_size; control characters removed from captions. 3: image references checked
+    # by `stages.image_refs` (allow-list, never http, symlinks resolved)
+    version: ClassVar[int] = 3
     Config: ClassVar[type[StageConfig]] = IngestConfig
     Execution: ClassVar[type[Execution]] = Execution  # one task per whole shard (duplicate keys are per shard)
     output_schema: ClassVar[pa.Schema] = INGEST_SCHEMA  # passthrough columns follow
@@ -72,11 +87,25 @@ class IngestStage(Stage[IngestConfig]):
         if "://" not in input_uri and "::" not in input_uri:
             # local paths become absolute: image_ref must not depend on a worker's working directory
             input_uri = os.path.abspath(input_uri)
+        if self.config.external_images is True:
+            log.warning("ingest.external_images=true: a row of the source can make the workers read any local "
+                        "file or object-store object they can reach, with their credentials; list the allowed "
+                        "prefixes instead (ingest.external_images=[\"s3://bucket/images/\"])")
         fmt = self.source_format(input_uri)
         if fmt == "grit20m" and self.config.require_image:
             raise SourceSchemaError(f"{input_uri}: GRIT-20M metadata has no images; "
                                     "set ingest.require_image=false")
         return READERS[fmt].discover(input_uri, self.config)
+
+    def image_allow_list(self, input_uri: str) -> ImageAllowList:
+        """Where the image references of this source may point (`stages.image_refs`): inside the input
+        (a folder, or the folder of an input file) or `external_images`. What every later reader of the
+        run's references (detect, report, trainer, export) allows too."""
+        if "://" not in input_uri and "::" not in input_uri:
+            input_uri = os.path.abspath(input_uri)
+        fs, path = url_to_fs(input_uri)
+        root = input_uri if fs.isdir(path) else parent_uri(input_uri)
+        return self.config.allowed_images(root)
 
     def read(self, shard: SourceShard) -> pa.Table:
         """One shard's raw rows (canonical column names, source values, `shard` column), unvalidated.
@@ -179,6 +208,23 @@ class IngestStage(Stage[IngestConfig]):
                 fields.append(field)
                 arrays.append(pc.take(table[field.name], idx))
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def allowed_images_of_run(run_yaml: dict) -> ImageAllowList:
+    """The allow-list of a pipeline run, from its `run.yaml`: the `allowed_images` the engine recorded
+    (`IngestStage.image_allow_list` of its input), or, for a run made before that was recorded, its
+    `run.input` and `ingest.external_images`. Nothing allowed when neither can be read."""
+    recorded = run_yaml.get("allowed_images")
+    try:
+        if recorded is not None:
+            return ImageAllowList.of(recorded)
+        input_uri = (run_yaml.get("run") or {}).get("input")
+        external = (run_yaml.get("ingest") or {}).get("external_images", False)
+        stage = IngestStage(IngestConfig(external_images=external))
+        return stage.image_allow_list(input_uri) if input_uri else ImageAllowList()
+    except (ValueError, TypeError, OSError) as e:
+        log.warning("cannot tell which image locations the run allowed (%s); reading none", e)
+        return ImageAllowList()
 
 
 def remove_control_chars(captions: pa.Array) -> pa.Array:

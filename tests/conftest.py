@@ -6,7 +6,7 @@
   `ray`. The engine reuses an initialized Ray, so its workers (and the models they loaded) stay warm.
 - Tests marked `gpu` are skipped without CUDA.
 - `synthetic_input`: a 4-shard img2dataset-format folder (the last one empty after ingest) with PIL-drawn JPEGs in webdataset tars and a
-  replay-detections Parquet (`grit_pipeline.synthetic`), plus `replay_overrides` to run detect from it.
+  replay-detections Parquet (`grit_pipeline.assets.synthetic`), plus `replay_overrides` to run detect from it.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def ray_local(tmp_path_factory):
 def synthetic_input(tmp_path_factory):
     """3 img2dataset shards x 40 rows (a few bad on purpose), a 4th whose downloads all failed (so every
     later stage sees an empty shard), and their replay detections."""
-    from grit_pipeline.synthetic import write_img2dataset
+    from grit_pipeline.assets.synthetic import write_img2dataset
 
     return write_img2dataset(tmp_path_factory.mktemp("synthetic") / "input", shards=3, rows_per_shard=40,
                              failed_shards=1)
@@ -72,7 +72,7 @@ def synthetic_input(tmp_path_factory):
 @pytest.fixture(scope="session")
 def replay_overrides(synthetic_input):
     """Overrides running detect from the synthetic input's replay file, quietly, on the test Ray."""
-    from grit_pipeline.synthetic import replay_overrides as overrides
+    from grit_pipeline.assets.synthetic import replay_overrides as overrides
 
     return [*overrides(synthetic_input.detections), "run.progress=false"]
 

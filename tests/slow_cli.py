@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-from grit_pipeline import plan as plan_module
+from grit_pipeline.engine import plan as plan_module
 from stages.detect import DetectStage
 
 DELAY = float(sys.argv[1])

@@ -121,7 +121,7 @@ def test_the_edge_cases_cover_both_outcomes():
 
 
 def test_grit_validate_checks_a_table_at_once_and_refuses_the_same_boxes_as_the_row_model():
-    from grit_pipeline.validate import check_row, validate_table
+    from grit_pipeline.commands.validate import check_row, validate_table
     from schemas.tables import GRIT_SCHEMA
 
     base = ComposeStage().process_batch(pa.Table.from_pylist([_compose_input((0.1, 0.1, 0.5, 0.5), 0.9)],
@@ -140,7 +140,7 @@ def test_grit_validate_checks_a_table_at_once_and_refuses_the_same_boxes_as_the_
 
 def test_grit_validate_accepts_a_corner_outside_by_less_than_the_tolerance():
     """A shard written elsewhere may hold -5e-7 for 0: float noise within BOX_TOLERANCE, encoded as clipped."""
-    from grit_pipeline.validate import validate_table
+    from grit_pipeline.commands.validate import validate_table
     from schemas.tables import GRIT_SCHEMA
 
     row = ComposeStage().process_batch(pa.Table.from_pylist([_compose_input((0.0, 0.1, 0.5, 1.0), 0.9)],

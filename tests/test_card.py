@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from grit_pipeline.card import (
+from grit_pipeline.config import config_dict, load_config
+from grit_pipeline.engine.card import (
     METADATA_KEY,
     ShardMetadataError,
     dataset_card,
@@ -20,9 +21,8 @@ from grit_pipeline.card import (
     read_shard_metadata,
     shard_metadata,
 )
-from grit_pipeline.config import config_dict, load_config
-from grit_pipeline.fingerprint import chain_fingerprints, source_fingerprint
-from grit_pipeline.stats import merge
+from grit_pipeline.engine.fingerprint import chain_fingerprints, source_fingerprint
+from grit_pipeline.engine.stats import merge
 from schemas.grounded_text import build_grounded_caption, build_markdown_caption
 from schemas.tables import GRIT_SCHEMA
 from stages.registry import STAGE_ORDER, stage_class
@@ -144,7 +144,7 @@ def make_card(**changes) -> str:
     args = dict(summary=run_summary(), config=config, fingerprints=fps, schema=schema,
                 command="grit run -c configs/default.yaml --input /data/laion --output runs/a select.min_score=0.7",
                 shard_files=["runs/a/grit/shard-00000.parquet", "runs/a/grit/shard-00001.parquet"],
-                pipeline_version="0.1.0")
+                num_bytes=123_456, pipeline_version="0.1.0")
     args.update(changes)
     return dataset_card(**args)
 
@@ -161,7 +161,9 @@ def test_card_metadata_parses_as_a_hub_dataset_card():
     assert "image-to-text" in data.task_categories and "grounding" in data.tags
     assert data.configs == [{"config_name": "default", "data_files": [{"split": "train", "path": "shard-*.parquet"}]}]
     info = data.dataset_info
-    assert info["splits"] == [{"name": "train", "num_examples": 40}]
+    # complete as `datasets` reads it: every split with name, num_bytes and num_examples, and the sizes
+    assert info["splits"] == [{"name": "train", "num_bytes": 123_456, "num_examples": 40}]
+    assert info["dataset_size"] == info["download_size"] == 123_456
     features = {f["name"]: {k: v for k, v in f.items() if k != "name"} for f in info["features"]}
     assert list(features) == [*GRIT_SCHEMA.names, "clip_similarity_vitb32"]
     assert features["key"] == {"dtype": "string"} and features["width"] == {"dtype": "int32"}
@@ -214,3 +216,20 @@ def test_hub_features_of_nested_types():
     ]
     with pytest.raises(ValueError, match="'lookup'"):
         hub_features(pa.schema([("lookup", pa.map_(pa.string(), pa.int32()))]))
+
+
+def test_final_shard_sizes_come_from_one_listing(tmp_path):
+    from grit_pipeline.rundir.store import RunDir
+
+    rundir = RunDir(str(tmp_path / "run"))
+    assert rundir.final_shard_sizes() == {}
+    grit = tmp_path / "run" / "grit"
+    grit.mkdir(parents=True)
+    for shard, rows in ((3, 5), (0, 2)):
+        pq.write_table(grit_table(rows), grit / f"shard-{shard:05d}.parquet")
+    (grit / "README.md").write_text("card")
+    (grit / "shard-00007.parquet.tmp").write_bytes(b"x")
+    (grit / "shard-00009.parquet").mkdir()  # not a file
+    sizes = rundir.final_shard_sizes()
+    assert sizes == {0: (grit / "shard-00000.parquet").stat().st_size, 3: (grit / "shard-00003.parquet").stat().st_size}
+    assert list(sizes) == [0, 3]

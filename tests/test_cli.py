@@ -97,10 +97,10 @@ def test_help_of_every_command_lists_its_choices():
     (["validate", "somewhere", "--encoder", "floor"], "floor", "unilm"),
     (["inspect", "somewhere", "--stage", "detekt"], "detekt", "compose"),
     (["plan", "--output", "somewhere", "--to", "composer"], "composer", "select"),
-    (["export", "--shards", "a", "--out", "b", "--format", "zip"], "zip", "imagefolder"),
+    (["export", "--data", "a", "--out", "b", "--format", "zip"], "zip", "imagefolder"),
     (["download", "a", "b", "--resize-mode", "squash"], "squash", "keep_ratio"),
-    (["train", "--shards", "a", "--out", "b", "--device", "gpu"], "gpu", "cuda:N"),
-    (["eval", "--shards", "a", "--ckpt", "b", "--device", "cuda:x"], "cuda:x", "cuda:N"),
+    (["train", "--data", "a", "--out", "b", "--device", "gpu"], "gpu", "cuda:N"),
+    (["eval", "--data", "a", "--ckpt", "b", "--device", "cuda:x"], "cuda:x", "cuda:N"),
 ])
 def test_a_bad_choice_exits_2_naming_value_and_choices(args, bad, listed, tmp_path):
     result = runner.invoke(app, args, env=WIDE)
@@ -112,7 +112,7 @@ def test_a_bad_choice_exits_2_naming_value_and_choices(args, bad, listed, tmp_pa
 def test_train_device_from_a_config_file_is_checked_too(tmp_path):
     cfg = tmp_path / "train.yaml"
     cfg.write_text("device: gpu\n")
-    result = runner.invoke(app, ["train", "--shards", str(tmp_path), "--out", str(tmp_path / "o"), "-c", str(cfg)])
+    result = runner.invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "-c", str(cfg)])
     assert result.exit_code == 2 and "device" in result.output and "'gpu'" in result.output
 
 

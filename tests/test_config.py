@@ -13,7 +13,7 @@ from grit_pipeline.config import (
     parse_override,
     parse_shard_spec,
 )
-from grit_pipeline.engine import build_plan
+from grit_pipeline.engine.plan import build_plan
 
 
 def test_defaults_are_the_stage_defaults():

@@ -74,7 +74,7 @@ def test_grit20m_config_needs_no_images_and_no_gpu():
 @pytest.mark.slow
 def test_grit20m_config_reprocesses_the_published_row(ray_local, tmp_path):
     from grit_pipeline.api import run_pipeline
-    from grit_pipeline.validate import validate_run
+    from grit_pipeline.commands.validate import validate_run
 
     native = [r for r in map(json.loads, PUBLISHED.read_text().splitlines()) if r.get("format") == "grit_native"]
     assert len(native) == 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from grit_pipeline.validate import validate_run
+from grit_pipeline.commands.validate import validate_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,8 +2,9 @@
 GroundingDINO and OWLv2, and the official GroundingDINO package (SwinT config, tiny local BERT).
 
 Random weights give meaningless boxes, so these tests check what does not depend on training: the
-plumbing (shapes, masks, token -> chunk mapping, prompt splitting, box coordinates) and that batching
-gives each image the result it gets alone wherever padding cannot change the network's input."""
+plumbing (shapes, masks, token -> chunk mapping, caption and chunk prompts, windows and splitting, box
+coordinates) and that batching gives each image the result it gets alone (batches hold one pixel size,
+so no image is padded; text padding is masked)."""
 
 from __future__ import annotations
 
@@ -106,8 +107,9 @@ def test_hf_grounding_dino_stage_end_to_end(models, tmp_path):
     result = stage.process_batch(prepared.output)
     assert result.output.schema == DETECT_SCHEMA and result.output["key"].to_pylist() == ["k0", "k1", "k2"]
     assert result.rejects.num_rows == 0
-    for row in result.output.to_pylist():
-        assert len(row["candidates"]) == 25
+    for row in result.output.to_pylist():  # the 25 best, and each chunk's 5 best whatever the cap
+        chunks = [c["chunk"] for c in row["candidates"]]
+        assert 25 <= len(chunks) <= 25 + 3 * 5 and all(chunks.count(j) >= 5 for j in range(3))
     again = DetectStage(stage.config, CPU).process_batch(table)  # without prepare_batch: it decodes itself
     assert again.output.equals(result.output)
 
@@ -122,47 +124,97 @@ def test_hf_grounding_dino_text_padding_does_not_change_results(models):
         same(together[i], det.detect([images[i]], [prompts[i]])[0])
 
 
-def test_hf_grounding_dino_mixed_sizes_masks_and_unpadded_image(models):
-    det = load_hf_detector(models["gd"], floor=0.0, max_candidates=1000, device="cpu")
+def test_hf_grounding_dino_batches_one_size_so_every_image_scores_as_alone(models):
+    """Zero padding reaches the backbone's border features (by 0.5 or more in score with these random
+    weights), so a batch holds images of one pixel size only: every image of a mixed batch then gets the
+    scores it gets alone, whatever the batch size."""
     seen = []
-    forward = det.model.forward
-
-    def spy(*args, **kw):
-        seen.append(kw["pixel_mask"].sum((1, 2)).tolist())
-        return forward(*args, **kw)
-
-    det.model.forward = spy
-    sizes = [(96, 160), (112, 96), (128, 160)]  # the last is the largest on both sides: no padding
+    sizes = [(96, 160), (112, 96), (96, 160), (128, 160), (112, 96)]
     images = [ImageInput(f"k{i}", rgb(h, w, i)) for i, (h, w) in enumerate(sizes)]
-    together = det.detect(images, [PROMPT] * 3)
-    assert sorted(seen[0]) == sorted(h * w for h, w in sizes)  # each image's mask covers its own pixels
-    for dets in together:
-        check_candidates(dets, 3, 1000)
-    # padding changes the backbone's border features (random weights magnify that), so only the image
-    # that needs no padding is compared exactly
-    same(together[2], det.detect([images[2]], [PROMPT])[0])
+    prompts = [PROMPT, ChunkPrompt.from_caption(CAPTION, SPANS[1:])] * 2 + [PROMPT]
+    alone = [load_hf_detector(models["gd"], floor=0.0, max_candidates=1000, device="cpu").detect([i], [p])[0]
+             for i, p in zip(images, prompts, strict=True)]
+    for batch_size in (2, 8):
+        det = load_hf_detector(models["gd"], floor=0.0, max_candidates=1000, device="cpu", batch_size=batch_size)
+        forward = det.model.forward
+
+        def spy(*args, _forward=forward, **kw):
+            seen.append(kw["pixel_mask"].shape[1:])
+            assert bool(kw["pixel_mask"].all())  # no padding pixel in any batch
+            return _forward(*args, **kw)
+
+        det.model.forward = spy
+        together = det.detect(images, prompts)
+        for dets, ref in zip(together, alone, strict=True):
+            check_candidates(dets, 3, 1000)
+            same(dets, ref, atol=1e-6)
+    assert len(seen) == 3 + 3 and set(seen) == {(96, 160), (112, 96), (128, 160)}
 
 
 def test_hf_grounding_dino_prompt_splitting(models):
-    """With a 6-token budget every chunk gets its own pass; each pass scores its chunk exactly as a
-    prompt holding only that chunk does."""
-    split = load_hf_detector(models["gd"], floor=0.0, max_candidates=10_000, max_text_tokens=6, device="cpu")
-    assert [p.text for p in split._passes(PROMPT)] == ["a dog .", "a field .", "flowers ."]
+    """Chunks form with a 6-token budget: every chunk gets its own pass; each pass scores its chunk
+    exactly as a prompt holding only that chunk does."""
+    split = load_hf_detector(models["gd"], floor=0.0, max_candidates=10_000, max_text_tokens=6, device="cpu",
+                             prompt="chunks")
+    assert [p.text for p in split._passes(PROMPT).passes] == ["a dog .", "a field .", "flowers ."]
     image = ImageInput("k", rgb(96, 96, 3))
     dets = split.detect([image], [PROMPT])[0]
     check_candidates(dets, 3, 10_000)
     assert len(set(dets.box.tolist())) > split.num_queries  # boxes of the three passes kept apart
-    whole = load_hf_detector(models["gd"], floor=0.0, max_candidates=10_000, device="cpu")
+    whole = load_hf_detector(models["gd"], floor=0.0, max_candidates=10_000, device="cpu", prompt="chunks")
     for j, (s, e) in enumerate(SPANS):
         alone = whole.detect([image], [ChunkPrompt.from_caption(CAPTION, [(s, e)])])[0]
 
         assert_same_entries(dets, j, alone, 0)
 
 
+def test_hf_grounding_dino_caption_prompt_and_mean_scores(models):
+    """The default prompt is the caption, each chunk scored by the mean of its tokens: recomputed here
+    from the model's own logits for the normalized caption."""
+    det = load_hf_detector(models["gd"], floor=0.0, max_candidates=10_000, chunk_candidates=0, device="cpu")
+    caption = "A Dog  in a FIELD of flowers"
+    spans = [(0, 5), (10, 17), (21, 28)]  # "A Dog", "a FIELD", "flowers"
+    pixels = rgb(96, 128, 7)
+    dets = det.detect([ImageInput("k", pixels)], [ChunkPrompt.from_caption(caption, spans)])[0]
+    enc = det._tokenize(["a dog in a field of flowers ."])
+    assert det.tokenizer.convert_ids_to_tokens(enc["input_ids"][0]) == \
+        ["[CLS]", "a", "dog", "in", "a", "field", "of", "flowers", ".", "[SEP]"]
+    batch, valid = pad_images([pixels], det.mean, det.std, det.device)
+    with torch.inference_mode():
+        out = det.model(pixel_values=batch, pixel_mask=valid.long(), input_ids=enc["input_ids"],
+                        attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"])
+    probs = torch.sigmoid(out.logits[0, :, :10]).numpy()
+    expect = {0: probs[:, 1:3].mean(1), 1: probs[:, 4:6].mean(1), 2: probs[:, 7:8].mean(1)}
+    for j, scores in expect.items():
+        np.testing.assert_allclose(np.sort(dets.score[dets.chunk == j]), np.sort(scores), atol=1e-6)
+
+
+def test_hf_grounding_dino_scores_a_long_caption_in_windows(models):
+    """A caption over the token budget: each chunk is scored once, in a window of the caption, exactly as
+    when that window is the whole caption."""
+    words = ["a big dog", "a red ball", "a small cat", "a green tree", "a blue car", "a cup"]
+    caption = " and ".join(words * 2)
+    spans, at = [], 0
+    for w in words * 2:
+        at = caption.index(w, at)
+        spans.append((at, at + len(w)))
+        at += len(w)
+    det = load_hf_detector(models["gd"], floor=0.0, max_candidates=10_000, max_text_tokens=16, device="cpu")
+    planned = det._passes(ChunkPrompt.from_caption(caption, spans))
+    assert len(planned.passes) > 1 and sorted(j for p in planned.passes for j in p.chunk_ids) == list(range(12))
+    image = ImageInput("k", rgb(96, 96, 4))
+    dets = det.detect([image], [ChunkPrompt.from_caption(caption, spans)])[0]
+    for p in planned.passes:
+        window = p.text[:-2]  # without its " ."
+        alone = det.detect([image], [ChunkPrompt.from_caption(window, p.char_spans)])[0]
+        for k, j in enumerate(p.chunk_ids):
+            assert_same_entries(dets, j, alone, k, atol=1e-6)
+
+
 def test_hf_grounding_dino_matches_transformers_post_processing(models):
     from transformers import GroundingDinoImageProcessor, GroundingDinoProcessor
 
-    det = load_hf_detector(models["gd"], floor=0.5, max_candidates=10_000, device="cpu")
+    det = load_hf_detector(models["gd"], floor=0.5, max_candidates=10_000, device="cpu", prompt="chunks")
     pixels = rgb(96, 128, 5)
     ours = det.detect([ImageInput("k", pixels)], [PROMPT])[0]
 
@@ -226,7 +278,7 @@ def test_mixed_size_batch_gives_each_image_its_own_box(tmp_path, models):
     from stages.images import ResizeSpec, decode_image
 
     vocab = tiny.write_bert_vocab(tmp_path / "vocab")
-    sizes = [(400, 300), (150, 260), (320, 320)]
+    sizes = [(400, 300), (150, 260), (320, 240)]  # the first and the last both decode to 128 x 96
     spec = ResizeSpec(96, 160, "shorter")
     images = []
     for i, ((w, h), box) in enumerate(zip(sizes, PLANTED, strict=True)):
@@ -235,7 +287,7 @@ def test_mixed_size_batch_gives_each_image_its_own_box(tmp_path, models):
         images.append(ImageInput(f"k{i}", decode_image(buf.getvalue(), spec).pixels))
     oracle = BrightBoxOracle(vocab, floor=0.5, batch_size=8)
     together = oracle.detect(images, [PROMPT] * 3)
-    assert oracle.batches == [3]
+    assert oracle.batches == [2, 1]  # one batch per pixel size: 128 x 96 (two images), then 92 x 159
     for img, dets, box in zip(images, together, PLANTED, strict=True):
         assert set(dets.chunk.tolist()) == {0, 1, 2}
         np.testing.assert_allclose(dets.xyxy[0], box, atol=2 / 96)
@@ -244,7 +296,7 @@ def test_mixed_size_batch_gives_each_image_its_own_box(tmp_path, models):
 
 def test_out_of_memory_halves_the_detector_batch(tmp_path):
     vocab = tiny.write_bert_vocab(tmp_path / "vocab")
-    images = [ImageInput(f"k{i}", planted_image(64 + 8 * i, 64, PLANTED[i % 3])) for i in range(5)]
+    images = [ImageInput(f"k{i}", planted_image(64, 64, PLANTED[i % 3])) for i in range(5)]
     reference = BrightBoxOracle(vocab, floor=0.5, batch_size=8).detect(images, [PROMPT] * 5)
     oracle = BrightBoxOracle(vocab, floor=0.5, batch_size=8, fail_above=1)
     results = oracle.detect(images, [PROMPT] * 5)
@@ -323,7 +375,7 @@ def test_official_groundingdino_stage_end_to_end(official, tmp_path):
     result = official.process_batch(table)
     assert result.rejects.num_rows == 0 and result.output.schema == DETECT_SCHEMA
     for row in result.output.to_pylist():  # floor 0: every query with each of the 3 chunks
-        assert 0 < len(row["candidates"]) <= 20 * 3
+        assert 0 < len(row["candidates"]) <= 20 * 3 + 20
     det = official.detector
     assert det.num_queries == 20 and det.max_text_tokens == 256
     assert fix_text_mask_order(det.model) > 0  # the text-enhancer layers exist (wrapping twice is harmless)
@@ -347,13 +399,13 @@ def test_official_groundingdino_masks_padding_and_text(official):
         together = det.detect(images, prompts)
     finally:
         det.model.forward = forward
-    masks, captions = seen[0]
-    assert sorted(masks) == sorted([96 * 128, 80 * 96, 96 * 128])  # the mask marks padding, not pixels
-    assert sorted(captions) == sorted(["a dog . a field . flowers .", "flowers .", "a dog . a field ."])
+    # one batch per pixel size; the mask marks padding (none), not pixels; every prompt is the caption
+    assert sorted(masks for masks, _ in seen) == [[80 * 96], [96 * 128, 96 * 128]]
+    assert all(c == "a dog in a field of flowers ." for _, captions in seen for c in captions)
     for dets, prompt in zip(together, prompts, strict=True):
-        check_candidates(dets, len(prompt.phrases), 60)
-    # a and c are the largest images: no pixel padding, so each matches its own run despite the other
-    # prompts in the batch (needs fix_text_mask_order: the package mixes prompts' masks across images)
+        check_candidates(dets, len(prompt.phrases), 60 + 3 * 5)
+    # a and c share a batch with different chunks: each matches its own run (the chunks form needs
+    # fix_text_mask_order there: the package mixes prompts' attention masks across images)
     for i in (0, 2):
         alone = det.detect([images[i]], [prompts[i]])[0]
         for c in range(len(prompts[i].phrases)):
@@ -363,10 +415,10 @@ def test_official_groundingdino_masks_padding_and_text(official):
 @pytest.mark.slow
 def test_official_groundingdino_token_map_matches_its_tokenizer(official):
     det = official.detector
-    [p] = det._passes(PROMPT)
+    [p] = det._passes(PROMPT).passes
     enc = det._tokenize([p.text])
     tokens = det.tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
-    assert tokens == ["[CLS]", "a", "dog", ".", "a", "field", ".", "flowers", ".", "[SEP]"]
+    assert tokens == ["[CLS]", "a", "dog", "in", "a", "field", "of", "flowers", ".", "[SEP]"]
 
 
 @pytest.mark.slow

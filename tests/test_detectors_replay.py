@@ -129,8 +129,11 @@ def test_check_entries_counts_each_problem_once():
 def test_floor_and_cap_apply_to_replayed_boxes(tmp_path):
     rows = [det("k", 0.01 * i, 0.0, 0.01 * i + 0.1, 0.1, 0.05 + 0.1 * i, chunk=i % 3) for i in range(9)]
     path = write_replay(tmp_path / "r.parquet", rows)
-    out = rows_of(run(path, batch(["k"]), floor=0.3, max_candidates=4))["k"]
+    out = rows_of(run(path, batch(["k"]), floor=0.3, max_candidates=4, chunk_candidates=0))["k"]
     assert sorted(round(c["score"], 2) for c in out) == [0.55, 0.65, 0.75, 0.85]
+    # each chunk's best entry kept before the cap (chunk 0's 0.65 is not among the best two)
+    out = rows_of(run(path, batch(["k"]), floor=0.3, max_candidates=2, chunk_candidates=1))["k"]
+    assert sorted((c["chunk"], round(c["score"], 2)) for c in out) == [(0, 0.65), (1, 0.75), (2, 0.85)]
     below = run(path, batch(["k"]), floor=0.9)
     assert rejects_of(below)["k"][0] == "no_detection"
 

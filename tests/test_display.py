@@ -9,10 +9,11 @@ import logging
 import pytest
 from rich.console import Console
 
+from grit_pipeline.commands.stats import funnel_table
+from grit_pipeline.commands.validate import Problem
+from grit_pipeline.engine.stats import ShardStats, merge, shard_stats
 from grit_pipeline.logs import SafeFormatter
 from grit_pipeline.report.page import _ENV
-from grit_pipeline.stats import ShardStats, funnel_table, merge, shard_stats
-from grit_pipeline.validate import Problem
 from schemas.display import UNSAFE_CODEPOINTS, display_text
 from schemas.tables import REJECT_SCHEMA
 

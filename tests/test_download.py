@@ -23,7 +23,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from grit_pipeline.download import (
+from grit_pipeline.commands.download import (
     MANIFEST_NAME,
     DownloadError,
     DownloadOptions,
@@ -245,7 +245,7 @@ def test_merge_replaces_rows_in_place_and_repairs_a_half_merged_tar(tmp_path):
     and replaced), and the shard's stats follow the new statuses."""
     import fsspec
 
-    from grit_pipeline.download import RETRY_KEY_COL, RETRY_SHARD_COL, _merge_shard
+    from grit_pipeline.commands.download import RETRY_KEY_COL, RETRY_SHARD_COL, _merge_shard
 
     schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("id", pa.int64()), ("key", pa.string()),
                         ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int32())])

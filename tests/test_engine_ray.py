@@ -21,12 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from grit_pipeline.api import run_pipeline
+from grit_pipeline.commands.validate import validate_run
 from grit_pipeline.config import load_config
-from grit_pipeline.engine import build_plan, execute
-from grit_pipeline.plan import config_for
-from grit_pipeline.rundir import RunDir
-from grit_pipeline.stage_io import join_upstream
-from grit_pipeline.validate import validate_run
+from grit_pipeline.engine.plan import build_plan, config_for
+from grit_pipeline.engine.runner import execute
+from grit_pipeline.engine.scheduler import SMALL_PARTS
+from grit_pipeline.engine.stage_io import join_upstream
+from grit_pipeline.rundir.store import RunDir
 from schemas.tables import REJECT_SCHEMA
 from stages.base import PreparedExecution, Stage, StageConfig, StageResult
 from stages.registry import STAGE_ORDER, stage_class
@@ -294,6 +295,9 @@ class PidsConfig(StageConfig):
 class PidsExecution(PreparedExecution):
     batch_size: int = 2
     fault_file: str = ""  # while this file exists, a caption equal to its content makes the stage raise
+    trace_dir: str = ""  # when set: each part's prepare start and process end times are written here
+    process_s: float = 0.0  # seconds process_batch sleeps (a slow GPU)
+    part_rows: int | None = None  # rows per part, as detect's; None: batch_size
 
 
 class PidsStage(Stage[PidsConfig]):
@@ -307,14 +311,26 @@ class PidsStage(Stage[PidsConfig]):
                                pa.field("proc_pid", pa.int64()), pa.field("setups", pa.int64())])
     setups = 0
 
+    @property
+    def resources(self):
+        return super().resources.model_copy(update={"part_rows": self.execution.part_rows})
+
     def setup(self) -> None:
         PidsStage.setups += 1
 
+    def _trace(self, table: pa.Table, event: str) -> None:
+        if self.execution.trace_dir and table.num_rows:
+            (Path(self.execution.trace_dir) / f"{table['key'][0].as_py()}.{event}").write_text(
+                f"{time.time()!r} {table.num_rows}")
+
     def prepare_batch(self, table: pa.Table) -> StageResult:
+        self._trace(table, "prepared")
         return StageResult(table.append_column("prep_pid", pa.array([os.getpid()] * table.num_rows, pa.int64())),
                            REJECT_SCHEMA.empty_table())
 
     def process_batch(self, table: pa.Table) -> StageResult:
+        time.sleep(self.execution.process_s)
+        self._trace(table, "processed")
         fault = Path(self.execution.fault_file)
         if self.execution.fault_file and fault.exists() and fault.read_text() in table["caption"].to_pylist():
             raise ValueError("injected fault")
@@ -357,6 +373,34 @@ def test_prepare_runs_in_cpu_tasks_ahead_of_an_actor_set_up_once(fake_input, tmp
     assert not set(table["prep_pid"].to_pylist()) & set(table["proc_pid"].to_pylist())  # not fused
 
 
+@pytest.mark.parametrize("part_rows", [None, 64])
+def test_prepared_parts_stay_within_pool_times_one_plus_queued_parts(fake_input, tmp_path, part_rows):
+    """With a slow actor, parts are prepared only as far ahead as the bound on prepared data allows: from
+    its prepare task starting to its actor call ending, at most (1 + queued_parts) full parts' rows per
+    actor. With part_rows 64 the shards' parts are far smaller than that (small shards are cut into parts
+    of whole batches): they count as parts too, at most SMALL_PARTS per full part of the bound, so
+    decoding does not run shards ahead."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    queued = 0 if part_rows else PidsExecution().queued_parts
+    extra = {"part_rows": part_rows} if part_rows else {}
+    cfg = _fake_config(trace_dir=str(trace), process_s=0.3, queued_parts=queued, **extra)  # parts of 2 rows: 9
+    result = execute(build_plan(cfg, input_uri=str(fake_input), output_uri=str(tmp_path / "run"),
+                                stage_classes=FAKE_STAGES))
+    assert result.ok, result.failures
+    spans = [(*map(float, (trace / f"{p.stem}.prepared").read_text().split()), float(p.read_text().split()[0]))
+             for p in trace.glob("*.processed")]  # (prepare start, rows, process end) per part
+    assert len(spans) == 9
+    events = sorted([(a, n) for a, n, _ in spans] + [(b, -n) for _, n, b in spans])
+    alive = max(np.cumsum([d for _, d in events]))
+    bound = (1 + queued) * (part_rows or PidsExecution().batch_size)  # full parts' rows
+    assert alive <= bound, f"{alive:g} rows prepared or processing at once, bound {bound}"
+    parts = max(np.cumsum([1 if n > 0 else -1 for _, n in events]))
+    most = (1 + queued) * (SMALL_PARTS if part_rows else 1)
+    assert parts <= most, f"{parts} parts prepared or processing at once, bound {most}"
+    assert result.ray_calls["pids"] == 3 * (1 + 3 + 3 + 1) + 1  # 3 shards of 3 parts; the empty shard: a write
+
+
 def test_a_failing_shard_is_reported_while_the_others_commit(fake_input, tmp_path):
     fault = tmp_path / "fault"
     fault.write_text("caption 1.3")
@@ -369,7 +413,7 @@ def test_a_failing_shard_is_reported_while_the_others_commit(fake_input, tmp_pat
     assert "stages/src/" in failure.message and "shard-00001.parquet" in failure.message
     assert "at key '1-3'" in failure.message and "injected fault" in failure.message
     assert result.final_shards == [0, 2, 3]
-    from grit_pipeline.runlog import read_failures
+    from grit_pipeline.rundir.runlog import read_failures
 
     [entry] = read_failures(RunDir(str(run)))  # failures.jsonl: the same facts, as fields
     assert (entry["stage"], entry["shard"], entry["key"], entry["error_type"]) == ("pids", 1, "1-3", "ValueError")

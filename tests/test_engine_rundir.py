@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grit_pipeline.publish import KeyIndex, Publisher, key_hashes, remove_stale
-from grit_pipeline.rundir import RunDir, ShardFiles, parquet_bytes, sha256
+from grit_pipeline.engine.publish import KeyIndex, Publisher, key_hashes, remove_stale
+from grit_pipeline.rundir.store import RunDir, ShardFiles, parquet_bytes, sha256
 from schemas.tables import GRIT_SCHEMA, REJECT_SCHEMA, SELECT_SCHEMA
 
 
@@ -69,7 +69,7 @@ def test_parquet_bytes_are_deterministic_across_processes(tmp_path):
     here = parquet_bytes(table)
     assert parquet_bytes(_pairs(["k1", "k2", "k3"])) == here
     code = ("import sys; sys.path.insert(0, 'tests'); from test_engine_rundir import _pairs; "
-            "from grit_pipeline.rundir import parquet_bytes; "
+            "from grit_pipeline.rundir.store import parquet_bytes; "
             "sys.stdout.buffer.write(parquet_bytes(_pairs(['k1', 'k2', 'k3'])))")
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
                            cwd=os.path.dirname(os.path.dirname(__file__))).stdout
@@ -119,7 +119,9 @@ def test_a_lower_shard_published_late_republishes_the_shards_above_it(tmp_path):
     assert [r.reused for r in reports] == [True, False, False, False]
     assert pq.read_table(run.final_path(2))["key"].to_pylist() == ["b"]  # c now belongs to shard 1
     assert remove_stale(run, [0, 1, 2]) == [3]
-    assert run.final_shards() == [0, 1, 2] and not (tmp_path / "run/publish/shard-00003.json").exists()
+    assert run.final_shards() == [0, 1, 2]
+    assert not (tmp_path / "run/publish/shard-00003.keys").exists()
+    assert not (tmp_path / "run/publish/shard-00003.rejects.parquet").exists()
 
 
 def test_publishing_out_of_order_is_refused(tmp_path):

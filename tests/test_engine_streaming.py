@@ -13,10 +13,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from grit_pipeline.assets.synthetic import replay_overrides, write_img2dataset
+from grit_pipeline.commands.validate import validate_run
 from grit_pipeline.config import load_config
-from grit_pipeline.engine import build_plan, default_stage_classes, execute
-from grit_pipeline.synthetic import replay_overrides, write_img2dataset
-from grit_pipeline.validate import validate_run
+from grit_pipeline.engine.plan import build_plan, default_stage_classes
+from grit_pipeline.engine.runner import execute
 from stages.detect import DetectStage
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -99,7 +100,7 @@ def test_a_finished_run_is_ready_to_publish(pipeline_run):
     a Hub dataset card next to the shards."""
     from huggingface_hub import DatasetCard
 
-    from grit_pipeline.card import read_shard_metadata
+    from grit_pipeline.engine.card import read_shard_metadata
 
     result, run = pipeline_run
     meta = read_shard_metadata(str(run / "grit" / "shard-00000.parquet"))
@@ -116,6 +117,9 @@ def test_a_finished_run_is_ready_to_publish(pipeline_run):
     assert f"{final_rows:,} rows" in card.text and data["configs"][0]["data_files"]
     features = {f["name"] for f in data["dataset_info"]["features"]}
     assert {"key", "caption", "noun_chunks", "ref_exps", "grounded_caption"} <= features
+    shard_bytes = sum(p.stat().st_size for p in (run / "grit").glob("shard-*.parquet"))
+    assert data["dataset_info"]["splits"] == [{"name": "train", "num_bytes": shard_bytes, "num_examples": final_rows}]
+    assert data["dataset_info"]["dataset_size"] == shard_bytes
     assert result.stage("select").fingerprint in card.text
 
 
@@ -154,7 +158,7 @@ def test_a_run_whose_lease_is_taken_over_stops_and_leaves_the_directory_alone(ra
     import json
     import threading
 
-    from grit_pipeline.lease import LeaseLost
+    from grit_pipeline.rundir.lease import LeaseLost
 
     config = load_config(None, [*replay_overrides(six_shards.detections), "run.progress=false",
                                 "run.resources.detect.batch_size=4", "run.lease_stale_s=2"])
@@ -181,3 +185,35 @@ def test_a_run_whose_lease_is_taken_over_stops_and_leaves_the_directory_alone(ra
     thread.join()
     assert all(path.read_bytes() == b"the new owner's" for path in theirs)
     assert json.loads((run / "lease.json").read_text())["token"] == "another run"  # left to its holder
+
+
+def test_a_threshold_change_over_many_shards_keeps_its_shards_in_flight_within_the_window(ray_local, tmp_path,
+                                                                                         monkeypatch):
+    """After `select.min_score` changes, every shard has only the cheap stages left: they are admitted
+    through a window sized from the task slots, not all at once, so each pass of the scheduling loop looks
+    at a bounded number of shards however many the run has."""
+    from grit_pipeline.engine.scheduler import Scheduler
+
+    shards = 64
+    src = write_img2dataset(tmp_path / "input", shards=shards, rows_per_shard=2, bad_rows=False)
+    run = tmp_path / "run"
+    overrides = [*replay_overrides(src.detections), "run.progress=false"]
+    first = execute(build_plan(load_config(None, overrides), input_uri=str(src.root), output_uri=str(run)))
+    assert first.ok, first.failures
+
+    in_flight: list[tuple[int, int]] = []  # (shards admitted and not done, the window the run is allowed)
+    admit = Scheduler._admit
+
+    def recording_admit(self) -> None:
+        admit(self)
+        in_flight.append((len(self.active), self.fit.task_slots + self.plan.run.shards_ahead))
+
+    monkeypatch.setattr(Scheduler, "_admit", recording_admit)
+    again = execute(build_plan(load_config(None, [*overrides, "select.min_score=0.8"]), input_uri=str(src.root),
+                               output_uri=str(run)))
+    assert again.ok, again.failures
+    assert again.stage("detect").cached == list(range(shards))
+    assert again.stage("select").computed == again.stage("compose").computed == list(range(shards))
+    assert again.final_shards == list(range(shards))
+    peak, window = max(in_flight)
+    assert peak <= window < shards, f"{peak} shards in flight at once, window {window}"

@@ -5,15 +5,15 @@ shard's parts are written in row order and every row must come back once), stats
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grit_pipeline.ray_runtime import fit_cluster
-from grit_pipeline.rundir import RunDir
-from grit_pipeline.shard_work import (
+from grit_pipeline.engine.ray_runtime import fit_cluster
+from grit_pipeline.engine.shard_work import (
     ShardFailed,
     StageSpec,
     prepare_part,
@@ -23,7 +23,8 @@ from grit_pipeline.shard_work import (
     with_rows,
     write_part_results,
 )
-from grit_pipeline.stats import ShardStats, merge
+from grit_pipeline.engine.stats import ShardStats, merge
+from grit_pipeline.rundir.store import RunDir
 from schemas.tables import INGEST_SCHEMA
 from stages.base import Execution, Resources, Stage, StageConfig, StageResult
 
@@ -93,7 +94,7 @@ def _input(captions) -> pa.Table:
 
 
 def _committed_input(tmp_path, captions, shard=4) -> None:
-    from grit_pipeline.rundir import ShardFiles
+    from grit_pipeline.rundir.store import ShardFiles
     from schemas.tables import REJECT_SCHEMA
 
     RunDir(str(tmp_path)).commit_shard("ingest", "fp0", shard, ShardFiles(_input(captions),
@@ -158,6 +159,63 @@ def test_parts_are_written_in_row_order_whatever_order_they_come_in(tmp_path):
     assert marker["rows"] == 3 and marker["rejects"] == 2
     data = (tmp_path / "stages/upper/fp/shard-00002.parquet").read_bytes()
     assert marker["files"]["shard-00002.parquet"]["size"] == len(data)
+
+
+def test_an_actor_runs_a_big_part_in_slices_of_the_batch_size(tmp_path):
+    """A part of many rows (few Ray calls per shard) is processed `batch_rows` rows per process_batch
+    call (one forward batch each), with the same rows, rejects and order as one call over the part."""
+    sizes = []
+
+    class Recording(UpperStage):
+        def process_batch(self, table):
+            sizes.append(table.num_rows)
+            return super().process_batch(table)
+
+    captions = ["a dog", "x ray", "bad", "a cat", "a cow", "bad too", "an owl"]
+    part = prepare_part(_spec(tmp_path), UpperStage(), 2, with_rows(_input(captions), np.arange(7)))
+    sliced = process_part(_spec(tmp_path, batch_rows=3), Recording(), 2, part)
+    assert sizes == [3, 2]  # the 4 prepared rows come first in a prepared part, then the 3 it rejected
+    whole = process_part(_spec(tmp_path), UpperStage(), 2, part)
+    assert sliced.output.equals(whole.output) and sliced.output["__row"].to_pylist() == [0, 3, 4, 6]
+    assert sorted(sliced.rejects["__row"].to_pylist()) == [1, 2, 5]
+    assert sorted(sliced.rejects.to_pylist(), key=lambda r: r["__row"]) == sorted(
+        whole.rejects.to_pylist(), key=lambda r: r["__row"])
+
+
+def test_parts_are_whole_batches_and_a_small_shard_still_has_several(tmp_path):
+    from grit_pipeline.engine.shard_work import MIN_PARTS, part_step
+
+    spec = replace(_spec(tmp_path, batch_rows=8), part_rows=512)
+    parts = {rows: -(-rows // part_step(spec, rows)) for rows in (1, 200, 2000, 10_000)}
+    assert parts == {1: 1, 200: 7, 2000: MIN_PARTS, 10_000: 20}  # 10k rows: 20 parts -> 42 Ray calls
+    assert all(part_step(spec, rows) % 8 == 0 for rows in parts)  # whole forward batches
+    assert part_step(replace(spec, batch_rows=512), 200) == 512  # one batch per part (replay): never cut
+
+
+def test_a_source_task_carries_its_own_shard_only(tmp_path):
+    """The spec every task gets is the same whatever the number of shards; a source task binds its own
+    shard's description, which failures name."""
+    import pickle
+
+    from grit_pipeline.assets.synthetic import write_img2dataset
+    from grit_pipeline.config import load_config
+    from grit_pipeline.engine.plan import build_plan
+    from grit_pipeline.engine.runner import stage_spec
+
+    sizes = {}
+    for shards in (2, 40):
+        src = write_img2dataset(tmp_path / f"in{shards}", shards=shards, rows_per_shard=1, bad_rows=False)
+        plan = build_plan(load_config(None, []), input_uri=str(src.root), output_uri=str(tmp_path / "run"),
+                          inspect_cache=False)
+        assert len(plan.shards) == shards
+        spec = stage_spec(plan, plan.stages[0])
+        sizes[shards] = len(pickle.dumps(spec.for_source(None, None)))
+        with pytest.raises(ShardFailed, match="no source shard given"):
+            run_shard(spec, spec.make(setup=False), 1)
+        missing = spec.for_source(plan.sources[1].model_copy(update={"uri": str(tmp_path / "gone.parquet")}), None)
+        with pytest.raises(ShardFailed, match=r"stage 'ingest' failed on shard 1 \(.*gone\.parquet\)"):
+            run_shard(missing, missing.make(setup=False), 1)
+    assert abs(sizes[40] - sizes[2]) < 16  # only the input folder's name differs
 
 
 def test_a_part_missing_or_delivered_twice_fails_the_shard(tmp_path):
@@ -239,8 +297,8 @@ def test_the_driver_imports_no_model_library(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     code = ("import sys\n"
             "from grit_pipeline.config import load_config\n"
-            "from grit_pipeline.engine import build_plan\n"
-            "import grit_pipeline.scheduler, grit_pipeline.ray_runtime, grit_pipeline.publish, grit_pipeline.cli\n"
+            "from grit_pipeline.engine.plan import build_plan\n"
+            "import grit_pipeline.engine.scheduler, grit_pipeline.engine.ray_runtime, grit_pipeline.engine.publish, grit_pipeline.cli\n"
             "build_plan(load_config('configs/demo.yaml'), output_uri=sys.argv[1])\n"
             "print(sorted(m for m in ('torch', 'torchvision', 'transformers', 'groundingdino', 'spacy') "
             "if m in sys.modules))\n")
@@ -248,3 +306,22 @@ def test_the_driver_imports_no_model_library(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_detect_parts_hold_whole_forward_batches_and_the_old_knob_is_named():
+    from pydantic import ValidationError
+
+    from stages.detect import DetectStage
+    from stages.detectors.config import DetectConfig, DetectExecution
+
+    pixels = DetectStage(DetectConfig(backend="hf", hf_model="m"), DetectExecution()).resources
+    assert (pixels.batch_size, pixels.part_rows) == (8, 512)  # a 10k-row shard: 20 parts, 42 Ray calls
+    assert pixels.queued_parts == 1  # decoded images per actor: (1 + 1) x 512
+    assert DetectStage(DetectConfig(backend="hf"), DetectExecution(batch_size=12)).resources.part_rows == 516
+    assert DetectStage(DetectConfig(backend="hf"), DetectExecution(part_rows=100)).resources.part_rows == 100
+    replay = DetectStage(DetectConfig(backend="replay"), DetectExecution()).resources
+    assert replay.batch_size == replay.part_rows == 512  # no forward passes: one process_batch per part
+    assert replay.queued_parts == 8  # parts without pixels: more of them queued
+    assert DetectStage(DetectConfig(backend="replay"), DetectExecution(queued_parts=0)).resources.queued_parts == 0
+    with pytest.raises(ValidationError, match="queued_batches was replaced by queued_parts"):
+        DetectExecution(queued_batches=8)

@@ -13,6 +13,7 @@ import io
 import json
 import random
 import tarfile
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -20,11 +21,13 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from grit_pipeline.synthetic import write_img2dataset
+from grit_pipeline.assets.synthetic import write_img2dataset
 from schemas.rows import RejectReason
 from schemas.tables import CHUNK_TYPE
 from stages.detect import DetectConfig, DetectStage
-from stages.image_reader import GAP_BYTES, ImageLocation, locations_of, read_images, split_tar_ref
+from stages.image_reader import GAP_BYTES, ImageLocation, locations_of, split_tar_ref
+from stages.image_reader import read_images as read_checked
+from stages.image_refs import ImageAllowList
 from stages.images import ImageFailure
 from stages.ingest import IngestConfig, IngestStage
 from stages.retry import TransientIOError
@@ -44,6 +47,14 @@ class CountingFileSystem(LocalFileSystem):
 
 
 fsspec.register_implementation("counting", CountingFileSystem, clobber=True)
+
+
+# local files (tmp_path) and the test filesystems over them; the allow-list itself is tested in test_image_refs.py
+READABLE = ImageAllowList.of(True).with_roots(f"counting://{tempfile.gettempdir()}", f"flaky://{tempfile.gettempdir()}")
+
+
+def read_images(locations, *args, **kwargs):
+    return read_checked(locations, *args, allowed=READABLE, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -244,11 +255,17 @@ def flaky_batch(root: Path) -> pa.Table:
     return with_chunks(table.set_column(table.schema.get_field_index("image_ref"), "image_ref", pa.array(refs)))
 
 
+def flaky_reader() -> DetectStage:
+    stage = DetectStage(DECODE)
+    stage.allowed_images = READABLE  # as the engine sets the run's list; flaky:// is no object store
+    return stage
+
+
 def test_a_transient_read_error_is_retried_and_the_batch_succeeds(tmp_path, flaky):
     source = write_img2dataset(tmp_path / "i2d", shards=1, rows_per_shard=8, bad_rows=False)
     batch = flaky_batch(source.root)
     hits = flaky.add_flaky_rule("tar-once", "00000.tar", failures=1)
-    result = DetectStage(DECODE).prepare_batch(batch)
+    result = flaky_reader().prepare_batch(batch)
     assert len(hits.read_text().splitlines()) == 1  # failed once, then read
     assert result.rejects.num_rows == 0 and result.output["key"].to_pylist() == batch["key"].to_pylist()
 
@@ -258,7 +275,7 @@ def test_a_persistent_transient_error_fails_the_batch_naming_file_and_key(tmp_pa
     batch = flaky_batch(source.root)
     flaky.add_flaky_rule("tar-always", "00000.tar", failures=1000)
     with pytest.raises(TransientIOError) as raised:
-        DetectStage(DECODE).prepare_batch(batch)
+        flaky_reader().prepare_batch(batch)
     message = str(raised.value)
     assert str(source.root / "00000.tar") in message and "key '000000000'" in message
     assert "ConnectionResetError" in message and "tries" in message

@@ -180,10 +180,10 @@ def test_exif_orientation_is_applied():
 
 
 def test_resize_spec_shorter_side_with_cap():
-    spec = ResizeSpec(800, 1333, "shorter")
-    assert spec.target(640, 480) == (1067, 800)
-    assert spec.target(480, 640) == (800, 1067)
-    assert spec.target(3000, 1000) == (1333, 444)  # 2400 would pass the 1333 cap
+    spec = ResizeSpec(800, 1333, "shorter")  # GroundingDINO's rule: the longer side truncated, not rounded
+    assert spec.target(640, 480) == (1066, 800)
+    assert spec.target(480, 640) == (800, 1066)
+    assert spec.target(3000, 1000) == (1332, 444)  # 2400 would pass the 1333 cap: 444 = round(1333 / 3)
     assert spec.target(100, 100) == (800, 800)  # small images are scaled up, like the model's training
 
 

@@ -1,4 +1,4 @@
-"""The run lease (`grit_pipeline.lease`) on real stores: a local disk, memory://, and S3 (moto, serving one
+"""The run lease (`grit_pipeline.rundir.lease`) on real stores: a local disk, memory://, and S3 (moto, serving one
 request at a time as AWS applies conditional writes). Acquire, refuse with the holder named, stale
 takeover, heartbeat, a lost lease, release; processes racing for one lease; a holder that died here."""
 
@@ -18,9 +18,14 @@ from pathlib import Path
 import pytest
 from moto_s3 import s3  # noqa: F401 - a fixture
 
-from grit_pipeline.conditional_write import Conflict, LockedLocalFile, S3ConditionalFile, conditional_file
-from grit_pipeline.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost, read_lease
-from grit_pipeline.rundir import RunDir
+from grit_pipeline.rundir.conditional_write import (
+    Conflict,
+    LockedLocalFile,
+    S3ConditionalFile,
+    conditional_file,
+)
+from grit_pipeline.rundir.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost, read_lease
+from grit_pipeline.rundir.store import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 STORES = ["local", "memory", "s3"]
@@ -147,7 +152,7 @@ def test_stale_lease_is_taken_over_and_its_holder_loses_it(store, caplog):
     old = Lease.acquire(store.rundir, stale_after_s=600, command="grit run old")
     limit = store.age_lease(1000)
     assert not read_lease(store.rundir)["live"] or store.kind == "s3"  # s3: the holder's limit is 600 s
-    with caplog.at_level(logging.WARNING, logger="grit_pipeline.lease"):
+    with caplog.at_level(logging.WARNING, logger="grit_pipeline.rundir.lease"):
         new = Lease.acquire(store.rundir, stale_after_s=limit, command="grit run new")
     assert read_lease(store.rundir)["token"] == new.token
     assert any("took over the lease" in r.getMessage() and "grit run old" in r.getMessage()
@@ -209,12 +214,12 @@ def test_heartbeat_thread_keeps_the_lease_and_reports_its_loss(tmp_path):
 
 def test_a_lease_left_by_a_dead_process_on_this_machine_is_taken_over_at_once(tmp_path, caplog):
     run = tmp_path / "run"
-    code = ("import sys, os; from grit_pipeline.rundir import RunDir; from grit_pipeline.lease import Lease; "
+    code = ("import sys, os; from grit_pipeline.rundir.store import RunDir; from grit_pipeline.rundir.lease import Lease; "
             "Lease.acquire(RunDir(sys.argv[1]), stale_after_s=600, command='grit run killed'); os._exit(0)")
     subprocess.run([sys.executable, "-c", code, str(run)], check=True, cwd=REPO, timeout=120)
     left = read_lease(RunDir(str(run)))
     assert left["command"] == "grit run killed" and left["live"]  # fresh, but its process is gone
-    with caplog.at_level(logging.WARNING, logger="grit_pipeline.lease"):
+    with caplog.at_level(logging.WARNING, logger="grit_pipeline.rundir.lease"):
         lease = Lease.acquire(RunDir(str(run)), stale_after_s=600, command="grit run next")
     assert any(f"process {left['pid']} no longer exists" in r.getMessage() for r in caplog.records)
     lease.release()
@@ -222,8 +227,8 @@ def test_a_lease_left_by_a_dead_process_on_this_machine_is_taken_over_at_once(tm
 
 RACER = """
 import json, os, sys, time
-from grit_pipeline.rundir import RunDir
-from grit_pipeline.lease import Lease, LeaseHeld
+from grit_pipeline.rundir.store import RunDir
+from grit_pipeline.rundir.lease import Lease, LeaseHeld
 uri, options, folder, name, stale = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
 rundir = RunDir(uri, options)
 open(os.path.join(folder, name + ".ready"), "w").close()

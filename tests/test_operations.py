@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from grit_pipeline.api import run_pipeline
-from grit_pipeline.lease import Lease, read_lease
-from grit_pipeline.rundir import RunDir
-from grit_pipeline.runlog import read_failures
-from grit_pipeline.synthetic import replay_overrides, write_img2dataset
+from grit_pipeline.assets.synthetic import replay_overrides, write_img2dataset
+from grit_pipeline.rundir.lease import Lease, read_lease
+from grit_pipeline.rundir.runlog import read_failures
+from grit_pipeline.rundir.store import RunDir
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -79,11 +79,17 @@ def test_a_run_is_leased_watched_stopped_and_resumed(ray_local, six_shards, tmp_
     try:
         _wait_for(lambda: list(run.glob("stages/detect/*/_done/shard-*")), 300, "a detect commit", proc)
 
-        # from another process: some shards committed, not all, and a live lease held by the run
-        status = _status(run)
+        # from another process: some shards committed, not all, and a live lease held by the run. Status
+        # reads the ledgers, which the run's bookkeeping writes just after the markers: poll until the
+        # first detect commit shows there.
+        def detect_status():
+            status = _status(run)
+            detect = next(s for s in status["stages"] if s["stage"] == "detect")
+            return (status, detect) if detect["committed"] > 0 else None
+
+        status, detect = _wait_for(detect_status, 120, "a detect commit in grit status", proc)
         assert status["lease"]["live"] and status["lease"]["pid"] == proc.pid
-        detect = next(s for s in status["stages"] if s["stage"] == "detect")
-        assert 0 < detect["committed"] < 6 and detect["pending"] > 0
+        assert detect["committed"] < 6 and detect["pending"] > 0
 
         # a second run on the same directory is refused at once, naming the holder
         second = _grit("run", "--input", str(six_shards.root), "--output", str(run), "--no-progress",

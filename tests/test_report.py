@@ -19,7 +19,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from test_report_support import FINGERPRINTS, write_fixture_run  # noqa: E402
 
-from grit_pipeline.report.build import ReportOptions, build_report, spread  # noqa: E402
+from grit_pipeline.report.build import ReportOptions, build_report  # noqa: E402
 from grit_pipeline.report.gallery import caption_pieces, sample_keys  # noqa: E402
 from grit_pipeline.report.measures import SCORE_GRID  # noqa: E402
 from stages.select import SelectConfig, SelectStage  # noqa: E402
@@ -203,8 +203,6 @@ def test_sample_is_deterministic_and_seeded():
     assert len(set(a)) == 10 and set(a) <= set(keys)
     assert sample_keys(keys, 10, seed=1) != a
     assert len({k[:5] for k in a}) > 1  # not all from the first shard
-    assert spread(list(range(10)), 3) == [0, 4, 9]
-    assert spread([0, 1, 2], 5) == [0, 1, 2]
 
 
 def _rerun_select(root: Path, min_score: float, scope: str = "pair") -> tuple[int, int]:
@@ -270,9 +268,10 @@ def test_max_shards_limits_what_the_plots_read(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run.root, copy)
     result = build_report(str(copy), ReportOptions(sample=3, max_shards=1))
-    detect0 = pq.read_table(copy / "stages" / "detect" / FINGERPRINTS["detect"] / "shard-00000.parquet")
-    assert result.kept_fraction["rows"] == detect0.num_rows < stage_table(copy, "detect").num_rows
-    assert all(k in detect0["key"].to_pylist() for k in result.gallery_keys)
+    [shard] = result.sample.of("detect")
+    detect = pq.read_table(copy / "stages" / "detect" / FINGERPRINTS["detect"] / f"shard-{shard:05d}.parquet")
+    assert result.kept_fraction["rows"] == detect.num_rows < stage_table(copy, "detect").num_rows
+    assert all(k in detect["key"].to_pylist() for k in result.gallery_keys)
     assert "Computed over 1 of 2 shards" in (copy / "report" / "index.html").read_text()
 
 

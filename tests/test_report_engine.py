@@ -38,7 +38,7 @@ MAX_CANDIDATES = 40
 def engine_run(tmp_path_factory, ray_local) -> Path:
     """A full pipeline run through the Python API: 2 shards x 12 rows of 320x240 images, replay detector."""
     from grit_pipeline.api import run_pipeline
-    from grit_pipeline.synthetic import replay_overrides, write_img2dataset
+    from grit_pipeline.assets.synthetic import replay_overrides, write_img2dataset
 
     base = tmp_path_factory.mktemp("engine")
     src = write_img2dataset(base / "in", shards=2, rows_per_shard=12, image_size=(320, 240))

@@ -16,8 +16,8 @@ import pyarrow as pa
 import yaml
 from PIL import Image, ImageDraw
 
-from grit_pipeline.rundir import RunDir, ShardFiles
-from grit_pipeline.stats import shard_stats
+from grit_pipeline.engine.stats import shard_stats
+from grit_pipeline.rundir.store import RunDir, ShardFiles
 from schemas.tables import (
     CHUNKS_SCHEMA,
     DETECT_SCHEMA,
@@ -87,7 +87,7 @@ def write_fixture_run(root: Path, shards: int = 2, rows_per_shard: int = 8, seed
         "ingest": {"rows_per_shard": rows_per_shard}, "chunks": {}, "detect": {"backend": "replay"},
         "select": {"min_score": MIN_SCORE, "nms_iou": NMS_IOU, "max_box_area": None},
         "compose": {"containment_filter": True, "location_encoder": "unilm"},
-        "run": {"input": "fixture"}, "fingerprints": FINGERPRINTS}, sort_keys=False))
+        "run": {"input": str(root / "images")}, "fingerprints": FINGERPRINTS}, sort_keys=False))
     compose = ComposeStage()
     for shard in range(shards):
         keys = [f"{shard:05d}{i:04d}" for i in range(rows_per_shard)]
@@ -165,7 +165,8 @@ def write_one_row_run(root: Path, size: tuple[int, int], background: tuple[int, 
     image = root / "images" / f"{key}.png"
     Image.new("RGB", size, background).save(image)
     (root / "run.yaml").write_text(yaml.safe_dump({
-        "select": {"min_score": MIN_SCORE, "nms_iou": NMS_IOU}, "fingerprints": FINGERPRINTS}))
+        "select": {"min_score": MIN_SCORE, "nms_iou": NMS_IOU}, "run": {"input": str(root / "images")},
+        "fingerprints": FINGERPRINTS}))
     ingest = pa.Table.from_pylist([{"key": key, "shard": 0, "url": None, "caption": caption, "width": size[0],
                                     "height": size[1], "image_ref": str(image)}], schema=INGEST_SCHEMA)
     chunk_list = [{"start": s, "end": e, "root_start": s, "root_end": e, "expr_start": s, "expr_end": e,

@@ -1,4 +1,4 @@
-"""The run log and the failure log (`grit_pipeline.runlog`) on a local disk, memory:// and S3 (moto), and
+"""The run log and the failure log (`grit_pipeline.rundir.runlog`) on a local disk, memory:// and S3 (moto), and
 the report's "Run log" section that links them."""
 
 from __future__ import annotations
@@ -11,8 +11,15 @@ from datetime import datetime, timezone
 import pytest
 from moto_s3 import s3  # noqa: F401 - a fixture
 
-from grit_pipeline.rundir import RunDir
-from grit_pipeline.runlog import FAILURES, FailureLog, RunLogHandler, log_files, read_failures, run_stamp
+from grit_pipeline.rundir.runlog import (
+    FAILURES,
+    FailureLog,
+    RunLogHandler,
+    log_files,
+    read_failures,
+    run_stamp,
+)
+from grit_pipeline.rundir.store import RunDir
 
 STARTED = datetime(2031, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
 HOSTILE = "caption \x1b[31mred\x1b[0m \u202eevil\nFAKE 2031-01-01 ERROR forged line"
@@ -97,8 +104,13 @@ def test_failure_log_round_trip_keeps_earlier_runs(kind, tmp_path, request):
     assert first["run_start"] == "2031-05-06T07:08:09Z" and second["run_start"] == "2031-05-07T00:00:00Z"
     assert {k: first[k] for k in FAILURE} == FAILURE and second["key"] is None and second["traceback"] is None
 
-    raw = rundir.read_bytes(rundir.path(FAILURES))
-    assert raw.isascii() and b"\x1b" not in raw and len(raw.splitlines()) == 3  # safe to cat, one per line
+    if kind == "local":
+        raw = rundir.read_bytes(rundir.path(FAILURES))
+        assert raw.isascii() and b"\x1b" not in raw and len(raw.splitlines()) == 3  # safe to cat, one per line
+    else:  # no append on object stores: a new part per record, none rewritten
+        parts = rundir.list_names("failures")
+        assert len(parts) == 3 and not rundir.exists(FAILURES)
+        assert all(rundir.read_bytes(rundir.path("failures", p)).isascii() for p in parts)
 
 
 def test_read_failures_skips_a_line_cut_short(tmp_path, caplog):

@@ -32,7 +32,7 @@ def test_run_reads_and_writes_s3_with_the_same_results_as_local(pipeline_run, sy
     import s3fs
 
     from grit_pipeline.api import plan
-    from grit_pipeline.validate import validate_run
+    from grit_pipeline.commands.validate import validate_run
 
     _, local_run = pipeline_run
     options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
@@ -85,6 +85,7 @@ def test_ranged_image_reads_on_s3_keep_the_members_before_a_tar_cut(s3_endpoint,
     import s3fs
 
     from stages.image_reader import ImageLocation, read_images
+    from stages.image_refs import ImageAllowList
     from stages.sources.base import list_tar_files
 
     s3fs.S3FileSystem.clear_instance_cache()  # the endpoint comes from this test's environment
@@ -109,7 +110,7 @@ def test_ranged_image_reads_on_s3_keep_the_members_before_a_tar_cut(s3_endpoint,
             listed = {m.name: m for m in list_tar_files(url)}
             assert sorted(listed) == ["00000.jpg", "00001.jpg", "00002.jpg"], name
             got = read_images([ImageLocation(f"tar://{m}::{url}", listed[m].offset, listed[m].size, key=m[:5])
-                               for m in sorted(listed)])
+                               for m in sorted(listed)], allowed=ImageAllowList.of([f"s3://{BUCKET}/"]))
             assert got[:2] == [payloads["00000.jpg"], payloads["00001.jpg"]], name
             assert got[2].reason.value == "image_unreadable" and "00002.jpg" in got[2].detail, name
     finally:

@@ -1,4 +1,4 @@
-"""`grit status` (`grit_pipeline.status`, `grit_pipeline.status_cli`) on a run directory written file by file
+"""`grit status` (`grit_pipeline.commands.status`, `grit_pipeline.commands.status_cli`) on a run directory written file by file
 as the engine writes it (RunDir markers and stats, failures.jsonl, a log, a live lease): on a local disk
 (with commit times set, for the throughput and ETA), memory:// and S3 (moto)."""
 
@@ -20,12 +20,11 @@ import yaml
 from moto_s3 import s3  # noqa: F401 - a fixture
 from typer.testing import CliRunner
 
-from grit_pipeline.lease import Lease
-from grit_pipeline.rundir import RunDir, json_bytes
-from grit_pipeline.runlog import FailureLog, RunLogHandler
-from grit_pipeline.shard_work import ShardReport
-from grit_pipeline.status import run_status
-from grit_pipeline.status_cli import register
+from grit_pipeline.commands.status import run_status
+from grit_pipeline.engine.shard_work import ShardReport
+from grit_pipeline.rundir.lease import Lease
+from grit_pipeline.rundir.runlog import FailureLog, RunLogHandler
+from grit_pipeline.rundir.store import RunDir, json_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 FPS = {"ingest": "fa00000000000001", "chunks": "fb00000000000002", "detect": "fc00000000000003"}
@@ -160,12 +159,8 @@ def test_status_on_object_stores(kind, request):
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-
-    @app.callback()
-    def main() -> None:  # a group, so the command is called by its name as in `grit status`
-        pass
+    """The real `grit` app: its error handling (one `error:` line, exit 2) lives in `grit_pipeline.cli`."""
+    from grit_pipeline.cli import app
 
     return app
 
@@ -198,7 +193,7 @@ def test_grit_status_cli_json_text_and_errors(tmp_path):
 def test_grit_status_watch_json_prints_a_line_per_refresh(tmp_path):
     rundir = RunDir(str(tmp_path / "run"))
     write_run(rundir)
-    code = ("import typer, sys; from grit_pipeline.status_cli import register; app = typer.Typer(); register(app); "
+    code = ("import typer, sys; from grit_pipeline.commands.status_cli import register; app = typer.Typer(); register(app); "
             "app.callback()(lambda: None); app()")
     proc = subprocess.Popen([sys.executable, "-c", code, "status", str(tmp_path / "run"), "--json", "--watch", "0.5"],
                             cwd=REPO, stdout=subprocess.PIPE, text=True)

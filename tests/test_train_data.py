@@ -118,7 +118,7 @@ def test_image_sources_in_order(tmp_path):
     assert read_image_bytes({"key": "k", "url": f"tar://000000001.jpg::{tmp_path}/00000.tar"}, shard) == data
     assert read_image_bytes({"key": "k", "url": "tar://000000001.jpg::00000.tar"}, shard) == data
     assert read_image_bytes({"key": "k", "image_ref": "img.png", "url": "http://example.com/a.jpg"}, shard) == data
-    with pytest.raises(ImageUnavailable, match=r"key 'k9'.*web URLs are not fetched"):
+    with pytest.raises(ImageUnavailable, match=r"key 'k9'.*image_web_url.*never fetches"):
         read_image_bytes({"key": "k9", "url": "https://example.com/a.jpg"}, shard)
     with pytest.raises(ImageUnavailable, match="k8"):
         read_image_bytes({"key": "k8", "url": "missing.png"}, shard)

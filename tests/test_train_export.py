@@ -92,7 +92,8 @@ def _pipeline_like_run(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     (run / "grit").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), run / "grit" / "shard-00000.parquet")
-    (run / "run.yaml").write_text(yaml.safe_dump({"fingerprints": {"ingest": "fp2", "compose": "fp9"}}))
+    (run / "run.yaml").write_text(yaml.safe_dump({"run": {"input": str(tar_path.parent)},
+                                                  "fingerprints": {"ingest": "fp2", "compose": "fp9"}}))
     for fp, table in (("fp2", refs), ("fp1", [{"key": r["key"], "image_ref": "gone.jpg"} for r in refs])):
         (run / "stages" / "ingest" / fp).mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(table), run / "stages" / "ingest" / fp / "shard-00000.parquet")
@@ -144,12 +145,12 @@ def test_cli_synth_train_eval_export(tmp_path):
 
     ok("synth", "--out", tmp_path / "train", "--shards", 2, "--rows", 6, "--seed", 0)
     ok("synth", "--out", tmp_path / "heldout", "--shards", 1, "--rows", 4, "--seed", 1, "--embed-images")
-    ok("train", "--shards", tmp_path / "train", "--out", tmp_path / "run", "-c", cfg, "--steps", 3,
+    ok("train", "--data", tmp_path / "train", "--out", tmp_path / "run", "-c", cfg, "--steps", 3,
        "--device", "cpu", "lr=0.002")
     assert json.loads((tmp_path / "run" / "checkpoints" / "step-0000003" / "config.json").read_text())["lr"] == 0.002
-    ok("eval", "--shards", tmp_path / "heldout", "--ckpt", tmp_path / "run", "--out", tmp_path / "eval.json",
+    ok("eval", "--data", tmp_path / "heldout", "--ckpt", tmp_path / "run", "--out", tmp_path / "eval.json",
        "--device", "cpu")
     figures = json.loads((tmp_path / "eval.json").read_text())
     assert figures["rows"] == 4 and "baseline_train_mean_box_accuracy" in figures
-    ok("export", "--shards", tmp_path / "heldout", "--out", tmp_path / "export", "--format", "parquet")
+    ok("export", "--data", tmp_path / "heldout", "--out", tmp_path / "export", "--format", "parquet")
     assert pq.read_table(tmp_path / "export" / "data-00000.parquet").num_rows == 4

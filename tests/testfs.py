@@ -7,17 +7,22 @@ in every Ray worker of the test session (`register`, run by the session Ray's wo
   line to `<name>.hits`.
 - `fulldisk://` is the local disk, except that writing a file whose path ends with the `target` storage
   option writes half of it and fails with ENOSPC, as a disk that fills up in the middle of a write.
+- `crashy://` is the local disk as an object store, except that in a process whose environment sets
+  `GRIT_TEST_CRASH="<text>[*<text>...]:<n>"` the n-th write of a file whose path contains every text kills
+  that process (SIGKILL) before the write: a driver dying in the middle of its bookkeeping.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
 
 FLAKY_DIR_ENV = "GRIT_TEST_FLAKY_DIR"
+CRASH_ENV = "GRIT_TEST_CRASH"
 
 
 class _ObjectStoreStandIn(LocalFileSystem):
@@ -93,9 +98,25 @@ class FullDiskFileSystem(_ObjectStoreStandIn):
         return super().pipe_file(path, value, **kwargs)
 
 
+class CrashyFileSystem(_ObjectStoreStandIn):
+    protocol = ("crashy",)
+    writes = 0  # matching writes so far in this process
+
+    def pipe_file(self, path, value, **kwargs):
+        rule = os.environ.get(CRASH_ENV)
+        if rule:
+            texts, n = rule.rsplit(":", 1)
+            if all(t in str(path) for t in texts.split("*")):
+                CrashyFileSystem.writes += 1
+                if CrashyFileSystem.writes == int(n):
+                    os.kill(os.getpid(), signal.SIGKILL)
+        return super().pipe_file(path, value, **kwargs)
+
+
 def register() -> None:
     """Register the test filesystems in this process (the Ray worker setup hook calls it too)."""
     import fsspec
 
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
     fsspec.register_implementation("fulldisk", FullDiskFileSystem, clobber=True)
+    fsspec.register_implementation("crashy", CrashyFileSystem, clobber=True)

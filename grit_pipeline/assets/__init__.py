@@ -1,1 +1,3 @@
-"""Data files shipped with grit-pipeline: the bundled demo sample (`demo/`) and the script that builds it."""
+"""Data shipped with grit-pipeline and made from it: the bundled demo sample (`demo/`), the script that builds
+it, and `synthetic`, the generator of img2dataset-format inputs with replay detections for tests and benchmarks.
+Imports nothing of the project above `schemas` and `stages`."""

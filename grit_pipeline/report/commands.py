@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from grit_pipeline.cli_options import RunArg
+from grit_pipeline.commands.options import JsonOpt, RunArg
+from grit_pipeline.report.shard_sample import DEFAULT_MAX_SHARDS
 from stages.registry import StageName
 
 
@@ -27,33 +28,46 @@ def report_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the gallery sample (same seed, same rows).")] = 0,
     examples: Annotated[int, typer.Option("--examples", min=0,
                                           help="Reject examples shown per stage and reason.")] = 5,
-    max_shards: Annotated[int | None, typer.Option(
-        "--max-shards", min=1, help="Compute plots over at most this many shards (evenly spread); default: all.")
-    ] = None,
+    max_shards: Annotated[int, typer.Option(
+        "--max-shards", min=0, help="Read rows (plots, gallery, reject examples) from at most this many shards per "
+                                    "stage, a sample seeded by --seed; 0: every shard. The funnel counts every shard.")
+    ] = DEFAULT_MAX_SHARDS,
+    all_shards: Annotated[bool, typer.Option(
+        "--all-shards", help="Read rows from every committed shard (as --max-shards 0), one shard at a time.")
+    ] = False,
     max_candidates: Annotated[int, typer.Option("--max-candidates", min=0,
                                                 help="Candidate boxes drawn per gallery image (best first).")] = 40,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write RUN/report/index.html (self-contained: funnel, plots, gallery, rejects) and RUN/report/summary.json."""
+    import json
+
     from grit_pipeline.report.build import ReportOptions, build_report
     from grit_pipeline.report.funnel import totals
-    from grit_pipeline.report.run_files import RunNotFound
 
     console = Console(stderr=True)
-    try:
-        report = build_report(run, ReportOptions(sample=sample, seed=seed, examples_per_reason=examples,
-                                                 max_shards=max_shards, max_candidates=max_candidates))
-    except RunNotFound as e:
-        _fail(console, str(e))
+    report = build_report(run, ReportOptions(sample=sample, seed=seed, examples_per_reason=examples,
+                                             max_shards=None if all_shards else max_shards,
+                                             max_candidates=max_candidates))
     rows_in, rows_out = totals(report.summary)
+    if as_json:
+        print(json.dumps({"index": report.index_url, "summary": report.summary_url, "rows_in": rows_in,
+                          "rows_out": rows_out, "gallery_keys": report.gallery_keys,
+                          "sample": report.sample.to_json()}, indent=2, sort_keys=True))
+        return
     last = next(reversed(report.summary["stages"]), "compose")
+    sampled = report.sample.to_json()["stages"].values()
+    read = "every committed shard" if report.sample.complete else (
+        f"{max(s['sampled'] for s in sampled):,} of {max(s['committed'] for s in sampled):,} committed shards "
+        f"(a sample seeded by --seed; --all-shards reads them all)")
     console.print(Text(f"{rows_in:,} rows in -> {rows_out:,} " + ("GrIT rows" if last == "compose" else
                                                                   f"rows out of {last}")
-                       + f"; {len(report.gallery_keys)} rows in the gallery"))
+                       + f"; {len(report.gallery_keys)} rows in the gallery; rows read from {read}"))
     print(report.index_url)
     print(report.summary_url)
 
 
-def _write_png(console: Console, trace, stage: str, out: str, labels: bool) -> None:
+def _write_png(console: Console, trace, allowed, stage: str, out: str, labels: bool) -> None:
     import fsspec
 
     from grit_pipeline.report.boxes import BOX_STAGES, boxes_for_stage
@@ -69,7 +83,7 @@ def _write_png(console: Console, trace, stage: str, out: str, labels: bool) -> N
                        "try an earlier --stage")
     boxes = boxes_for_stage(stage, trace.row)
     try:
-        image = open_image(ImageLocation.from_row(trace.row))
+        image = open_image(ImageLocation.from_row(trace.row), allowed)
     except ImageUnavailable as e:
         _fail(console, f"row {trace.key}: image unavailable: {e}")
     with fsspec.open(out, "wb") as f:
@@ -97,31 +111,28 @@ def inspect_command(
 ) -> None:
     """Print rows of one stage (rich tables), or its rejects; --png draws a row's boxes on its image."""
     from grit_pipeline.report.inspect_render import print_rows, render_rejects
-    from grit_pipeline.report.inspect_rows import InspectError, rejects, rows_by_key, sample_rows
-    from grit_pipeline.report.run_files import RunFiles, RunNotFound
+    from grit_pipeline.report.inspect_rows import rejects, rows_by_key, sample_rows
+    from grit_pipeline.report.run_files import RunFiles
 
     console = Console()
     err = Console(stderr=True)
-    try:
-        files = RunFiles.open(run)
-        if show_rejects:
-            if png:
-                _fail(err, "--png draws a row's boxes; it cannot be combined with --rejects")
-            table = rejects(files, stage, n=len(key) if key else sample, keys=key, reason=reason, shard=shard)
-            if table.num_rows == 0:
-                err.print(Text(f"no rejects of {stage}" + (f" with reason {reason!r}" if reason else "")
-                               + (" for the given keys" if key else "")))
-            console.print(render_rejects(table, stage))
-            return
-        traces = (rows_by_key(files, stage, key, [shard] if shard is not None else None) if key
-                  else sample_rows(files, stage, sample, seed, shard))
-    except (RunNotFound, InspectError) as e:
-        _fail(err, str(e))
+    files = RunFiles.open(run)  # NotARun, and InspectError below, are shown by `grit`'s one error handler
+    if show_rejects:
+        if png:
+            _fail(err, "--png draws a row's boxes; it cannot be combined with --rejects")
+        table = rejects(files, stage, n=len(key) if key else sample, keys=key, reason=reason, shard=shard)
+        if table.num_rows == 0:
+            err.print(Text(f"no rejects of {stage}" + (f" with reason {reason!r}" if reason else "")
+                           + (" for the given keys" if key else "")))
+        console.print(render_rejects(table, stage))
+        return
+    traces = (rows_by_key(files, stage, key, [shard] if shard is not None else None) if key
+              else sample_rows(files, stage, sample, seed, shard))
     print_rows(console, traces, stage, max_candidates)
     if png:
         if not traces:
             _fail(err, "no row to draw")
-        _write_png(err, traces[0], stage, png, labels)
+        _write_png(err, traces[0], files.allowed_images, stage, png, labels)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,6 +1,6 @@
 """The per-stage funnel (rows in, rows out, rejects by reason, seconds) as the report shows it.
 
-The numbers are the engine's merged stats (`grit_pipeline.stats.merge`, the content of
+The numbers are the engine's merged stats (`grit_pipeline.engine.stats.merge`, the content of
 `report/summary.json`) taken as they are, so the HTML funnel and summary.json agree number for number.
 """
 

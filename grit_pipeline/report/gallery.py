@@ -24,12 +24,36 @@ from grit_pipeline.report.thumbnails import ImageUnavailable, load_images, thumb
 from stages.image_reader import ImageLocation
 
 
+def key_rank(key: str, seed: int) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+
+
 def sample_keys(keys: Sequence[str], n: int, seed: int = 0) -> list[str]:
     """`n` keys chosen by a keyed hash: the same keys for the same run and seed, whatever the shard
     layout or read order, and spread over all shards. Returned in hash order."""
-    def rank(k: str) -> bytes:
-        return hashlib.blake2b(k.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
-    return sorted(dict.fromkeys(keys), key=lambda k: (rank(k), k))[:n]
+    return sorted(dict.fromkeys(keys), key=lambda k: (key_rank(k, seed), k))[:n]
+
+
+class KeySample:
+    """`sample_keys` over rows read shard by shard, holding `n` keys instead of every key: `add` each
+    shard's keys (in ascending shard order), then `chosen` gives key -> the first shard that held it, in
+    hash order. A key dropped once can never come back: the keys held only get better."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed = n, seed
+        self._held: dict[str, tuple[bytes, int]] = {}
+
+    def add(self, keys: Sequence[str], shard: int) -> None:
+        if self.n <= 0:
+            return
+        merged = dict(self._held)
+        for k in keys:
+            if k not in merged:
+                merged[k] = (key_rank(k, self.seed), shard)
+        self._held = dict(sorted(merged.items(), key=lambda kv: (kv[1][0], kv[0]))[: self.n])
+
+    def chosen(self) -> dict[str, int]:
+        return {k: shard for k, (_, shard) in self._held.items()}
 
 
 @dataclass
@@ -118,16 +142,26 @@ def build_item(trace: RowTrace, image, max_candidates: int, thumb_side: int) -> 
     )
 
 
-def build_gallery(run: RunFiles, population: dict[str, int], n: int, seed: int = 0,
-                  max_candidates: int = 40, thumb_side: int = 448) -> list[GalleryItem]:
-    """Gallery items for `n` sampled keys of `population` (key -> source shard)."""
-    chosen = sample_keys(list(population), n, seed)
+def sample_rows(run: RunFiles, stage: str, shards: Sequence[int], n: int, seed: int = 0) -> dict[str, int]:
+    """key -> source shard of `n` rows of `stage`'s output in `shards`, chosen by keyed hash (`sample_keys`),
+    reading the key column one shard at a time."""
+    sample = KeySample(n, seed)
+    for shard in sorted(shards):
+        sample.add(run.read(stage, [shard], columns=["key"])["key"].to_pylist(), shard)
+    return sample.chosen()
+
+
+def build_gallery(run: RunFiles, rows: dict[str, int], max_candidates: int = 40,
+                  thumb_side: int = 448) -> list[GalleryItem]:
+    """Gallery items for `rows` (key -> source shard, in the order shown: `sample_rows`)."""
+    chosen = list(rows)
     by_shard: dict[int, list[str]] = defaultdict(list)
     for k in chosen:
-        by_shard[population[k]].append(k)
+        by_shard[rows[k]].append(k)
     traces: dict[str, RowTrace] = {}
     for shard in sorted(by_shard):
         for t in trace_rows(run, shard, by_shard[shard]):
             traces[t.key] = t
-    images = load_images([ImageLocation.from_row(traces[k].row) for k in chosen], longest_side=thumb_side)
+    images = load_images([ImageLocation.from_row(traces[k].row) for k in chosen], run.allowed_images,
+                         longest_side=thumb_side)
     return [build_item(traces[k], img, max_candidates, thumb_side) for k, img in zip(chosen, images, strict=True)]

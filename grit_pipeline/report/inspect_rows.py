@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from grit_pipeline.errors import UserError
 from grit_pipeline.report.gallery import sample_keys
 from grit_pipeline.report.measures import run_select_config
 from grit_pipeline.report.row_trace import RowTrace, trace_rows
@@ -27,7 +28,7 @@ from stages.registry import STAGE_ORDER
 from stages.select import SelectStage
 
 
-class InspectError(ValueError):
+class InspectError(UserError, ValueError):
     """Bad `grit inspect` request (unknown stage, key not in the run, ...); the message says what to do."""
 
 

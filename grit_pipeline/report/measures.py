@@ -7,9 +7,15 @@ filter), because NMS always keeps the best-ranked pair, under every `select.nms_
 rule, `box`, `chunk`) and `nms_iou`. So one pass of the real `select` stage with the threshold at 0 and
 NMS off gives each row's best pair score, and the whole curve follows from those. (How many *pairs* a
 caption keeps does depend on the NMS rule; `grit inspect --stage detect` shows each candidate's fate.)
+
+The report reads stage outputs one shard at a time, so every plot's numbers are running sums over shards
+(`ScoreHistogram`, `KeptCounts`, `CountDistribution`): memory stays that of one shard however many are read.
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -69,14 +75,61 @@ def best_pair_scores(table: pa.Table, select_section: dict) -> np.ndarray:
     return best
 
 
-def kept_fraction(best_scores: np.ndarray, thresholds=SCORE_GRID) -> np.ndarray:
-    """Share of rows with a pair scoring above each threshold (`select` keeps score > min_score)."""
-    if best_scores.size == 0:
-        return np.zeros(len(thresholds))
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    # Scores are float32 in the files; compare in float32 like a stage working on the Arrow column would.
-    s = best_scores.astype(np.float32)[None, :]
-    return (s > thresholds.astype(np.float32)[:, None]).mean(axis=1)
+# Bins of the score histogram: 40 over [0, 1] (the last one closed, as numpy's).
+HISTOGRAM_EDGES: np.ndarray = np.linspace(0, 1, 41)
+
+
+class ScoreHistogram:
+    """Running histogram of chunk-box scores over `HISTOGRAM_EDGES`, with how many are above `threshold`
+    (compared in float32, as `select` compares the stored float32 scores)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
+        self.counts = np.zeros(len(HISTOGRAM_EDGES) - 1, dtype=np.int64)
+        self.n = 0
+        self.above = 0
+
+    def add(self, scores: np.ndarray) -> None:
+        self.counts += np.histogram(scores, bins=HISTOGRAM_EDGES)[0]
+        self.n += int(scores.size)
+        self.above += int((scores.astype(np.float32) > np.float32(self.threshold)).sum())
+
+
+class KeptCounts:
+    """Running count, per threshold, of rows whose best pair score is above it (`select` keeps a row iff
+    score > min_score; compared in float32 like a stage working on the Arrow column)."""
+
+    def __init__(self, thresholds: Sequence[float]):
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self._t32 = np.asarray(self.thresholds, dtype=np.float32)[:, None]
+        self.kept = np.zeros(len(self.thresholds), dtype=np.int64)
+        self.rows = 0
+
+    def add(self, best_scores: np.ndarray) -> None:
+        self.kept += (best_scores.astype(np.float32)[None, :] > self._t32).sum(axis=1)
+        self.rows += int(best_scores.size)
+
+    def count(self, threshold: float) -> int:
+        return int(self.kept[self.thresholds.index(float(threshold))])
+
+    def share(self, threshold: float) -> float:
+        return self.count(threshold) / self.rows if self.rows else 0.0
+
+
+class CountDistribution:
+    """Running frequencies of a per-row count (chunks per caption, boxes per caption, words per expression)."""
+
+    def __init__(self) -> None:
+        self._freq: Counter[int] = Counter()
+
+    def add(self, counts: np.ndarray) -> None:
+        values, freq = np.unique(counts, return_counts=True)
+        self._freq.update(dict(zip(values.tolist(), freq.tolist(), strict=True)))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values ascending, how many rows have each)."""
+        values = sorted(self._freq)
+        return np.asarray(values, dtype=np.int64), np.asarray([self._freq[v] for v in values], dtype=np.int64)
 
 
 def list_lengths(table: pa.Table, column: str) -> np.ndarray:

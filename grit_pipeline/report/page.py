@@ -91,6 +91,9 @@ details.rejects td.key { font-family:ui-monospace,monospace; white-space:nowrap;
 ul.logs { margin:4px 0 10px; padding-left:20px; }
 ul.logs code, p code { color:var(--muted); font-size:12px; word-break:break-all; }
 .failures td { font-size:12px; }
+details.sample { margin:0 0 12px; }
+details.sample summary { cursor:pointer; color:var(--muted); font-size:13px; }
+details.sample td code { font-size:12px; word-break:break-all; }
 details.config pre { background:#fff; border:1px solid var(--line); padding:10px; border-radius:6px; overflow:auto; }
 footer { color:var(--muted); font-size:12px; padding:20px 28px; }
 """
@@ -163,6 +166,16 @@ _TEMPLATE = r"""<!doctype html>
 <section id="plots">
 <h2>Plots</h2>
 <p class="hint">{{ plots_note }}</p>
+<details class="sample" id="sample" data-complete="{{ 'true' if sample.complete else 'false' }}" data-seed="{{ sample.seed }}">
+<summary>Shards read for the plots, gallery and reject examples</summary>
+<table>
+<thead><tr><th>stage</th><th class="num">read</th><th class="num">committed</th><th>shards read</th></tr></thead>
+<tbody>
+{% for stage, shards in sample_rows %}
+<tr data-stage="{{ stage }}" data-sampled="{{ shards.sampled }}" data-committed="{{ shards.committed }}"><td>{{ stage }}</td><td class="num">{{ "{:,}".format(shards.sampled) }}</td><td class="num">{{ "{:,}".format(shards.committed) }}</td><td><code>{{ shards.shards }}</code></td></tr>
+{% endfor %}
+</tbody></table>
+</details>
 <div class="plots">
 {% for p in plots %}
 <figure class="plotcard" data-plot="{{ p.name }}"><figcaption>{{ p.title }}</figcaption>{{ p.svg|safe }}</figure>
@@ -186,7 +199,7 @@ _TEMPLATE = r"""<!doctype html>
 
 <section id="gallery">
 <h2>Gallery</h2>
-<p class="hint">{{ gallery|length }} rows sampled deterministically (seed {{ seed }}) from the rows {{ "the detector saw" if gallery_stage == "detect" else "of " ~ gallery_stage }}. Colours follow the noun chunks marked in each caption.{% if layers %} Keys {{ "1" if layers|length == 1 else "1–%d"|format(layers|length) }} switch box layers.{% endif %}</p>
+<p class="hint">{{ gallery|length }} rows sampled deterministically (seed {{ seed }}) from the rows {{ "the detector saw" if gallery_stage == "detect" else "of " ~ gallery_stage }} in {{ sample.describe(gallery_stage) if gallery_stage else "no shard" }}. Colours follow the noun chunks marked in each caption.{% if layers %} Keys {{ "1" if layers|length == 1 else "1–%d"|format(layers|length) }} switch box layers.{% endif %}</p>
 {% if layers %}
 <div class="toolbar">
 {% for layer, title in layers %}
@@ -231,14 +244,14 @@ _TEMPLATE = r"""<!doctype html>
 
 <section id="rejects">
 <h2>Rejects</h2>
-<p class="hint">Dropped rows by stage and reason, with up to {{ examples_per_reason }} examples each. Show all with <code>grit inspect RUN --stage STAGE --rejects</code>.</p>
+<p class="hint">Dropped rows by stage and reason (counted over every shard), with up to {{ examples_per_reason }} examples each{% if not sample.complete %} from the sampled shards{% endif %}. Show all with <code>grit inspect RUN --stage STAGE --rejects</code>.</p>
 {% for stage, groups in rejects %}
 <h3>{{ stage }}</h3>
 {% for g in groups %}
 <details class="rejects" data-stage="{{ g.stage }}" data-reason="{{ g.reason }}">
 <summary>{{ g.reason }}<span class="n">{{ "{:,}".format(g.count) }} rows</span></summary>
 <table><thead><tr><th>key</th><th class="num">shard</th><th>detail</th><th>caption</th></tr></thead><tbody>
-{% for e in g.examples %}<tr><td class="key">{{ e.key }}</td><td class="num">{{ e.shard }}</td><td>{{ e.detail }}</td><td>{{ e.caption if e.caption is not none else "" }}</td></tr>{% endfor %}
+{% for e in g.examples %}<tr><td class="key">{{ e.key }}</td><td class="num">{{ e.shard }}</td><td>{{ e.detail }}</td><td>{{ e.caption if e.caption is not none else "" }}</td></tr>{% else %}{% if g.stage in sample.sampled %}<tr><td colspan="4" class="hint">No example in the {{ sample.describe(g.stage) }} read; <code>grit inspect RUN --stage {{ g.stage }} --rejects --reason {{ g.reason }}</code> finds them.</td></tr>{% endif %}{% endfor %}
 </tbody></table>
 </details>
 {% endfor %}
@@ -312,5 +325,7 @@ _LAYER_WORDS = {"candidates": "candidate", "selected": "selected", "final": "fin
 def render_page(*, stages: list[str], **context) -> str:
     """The page; `stages` are the stages with output in the run (layers and plots of others are left out)."""
     layers = [(layer, title) for layer, title, stage in LAYERS if stage in stages]
+    sample_rows = list(context["sample"].to_json()["stages"].items())
     return PAGE.render(css=_CSS, js=_JS, layers=layers, layer_names=[name for name, _ in layers],
-                       layer_words=_LAYER_WORDS, last_stage=stages[-1] if stages else "", **context)
+                       layer_words=_LAYER_WORDS, last_stage=stages[-1] if stages else "", sample_rows=sample_rows,
+                       **context)

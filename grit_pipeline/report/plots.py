@@ -77,15 +77,16 @@ def _empty(ax, message: str) -> None:
     ax.set_yticks([])
 
 
-def score_histogram(scores: np.ndarray, threshold: float, name: str = "scores") -> str:
-    """Histogram of detector chunk-box scores with the `select.min_score` threshold marked."""
+def score_histogram(counts: np.ndarray, edges: np.ndarray, total: int, above: int, threshold: float,
+                    name: str = "scores") -> str:
+    """Histogram of detector chunk-box scores (`counts` per bin of `edges`, already summed over shards) with
+    the `select.min_score` threshold marked; `above` of the `total` scores are above it."""
     with matplotlib.rc_context(_STYLE):
         fig, ax = _figure()
-        if scores.size:
-            ax.hist(scores, bins=np.linspace(0, 1, 41), color=ACCENT, alpha=0.85)
+        if total:
+            ax.hist(edges[:-1], bins=edges, weights=counts, color=ACCENT, alpha=0.85)
             ax.axvline(threshold, color=THRESHOLD, linewidth=1.5)
-            above = float((scores.astype(np.float32) > np.float32(threshold)).mean())
-            ax.set_title(f"red line: min_score {threshold:g}, {above:.0%} of {scores.size:,} pairs above", loc="right",
+            ax.set_title(f"red line: min_score {threshold:g}, {above / total:.0%} of {total:,} pairs above", loc="right",
                          color=THRESHOLD)
             ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.set_xlim(0, 1)
@@ -96,17 +97,17 @@ def score_histogram(scores: np.ndarray, threshold: float, name: str = "scores") 
         return _to_svg(fig, name)
 
 
-def count_bars(counts: np.ndarray, xlabel: str, name: str, ylabel: str = "rows") -> str:
-    """Bar chart of how many rows have 0, 1, 2, ... of something (chunks, boxes, words)."""
+def count_bars(values: np.ndarray, freq: np.ndarray, xlabel: str, name: str, ylabel: str = "rows") -> str:
+    """Bar chart of how many rows (`freq`) have 0, 1, 2, ... (`values`) of something (chunks, boxes, words)."""
     with matplotlib.rc_context(_STYLE):
         fig, ax = _figure()
-        if counts.size:
-            values, freq = np.unique(counts, return_counts=True)
+        n = int(freq.sum())
+        if n:
             ax.bar(values, freq, width=0.8, color=ACCENT, alpha=0.85)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             _integer_axes(ax, values)
-            ax.set_title(f"mean {counts.mean():.2f} · n = {counts.size:,}", loc="right", color="#374151")
+            ax.set_title(f"mean {float((values * freq).sum()) / n:.2f} · n = {n:,}", loc="right", color="#374151")
         else:
             _empty(ax, "no rows")
         return _to_svg(fig, name)

@@ -1,12 +1,15 @@
 """Examples of rejected rows per stage and reason, for the report's browsable rejects section.
 
-Reads rejects files shard by shard and stops as soon as every reason of the stage has enough examples,
-then looks up the captions of just those keys in `ingest`.
+The counts per reason are the run's summary (every shard); the examples come from the report's sampled
+shards (`grit_pipeline.report.shard_sample`): their rejects files are read shard by shard, stopping as soon
+as every reason of the stage has enough examples, then the captions of just those keys are looked up in
+`ingest`. A rare reason may have no example in the sample; the page says so.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from grit_pipeline.report.run_files import RunFiles
@@ -28,13 +31,16 @@ class RejectGroup:
     examples: list[RejectExample] = field(default_factory=list)
 
 
-def reject_groups(run: RunFiles, summary: dict, per_reason: int = 5) -> list[RejectGroup]:
+def reject_groups(run: RunFiles, summary: dict, shards_of: Callable[[str], Sequence[int]],
+                  per_reason: int = 5) -> list[RejectGroup]:
+    """One group per stage and reason of `summary`, with up to `per_reason` examples from the shards
+    `shards_of(stage)` names."""
     groups: list[RejectGroup] = []
     for stage, stats in summary["stages"].items():
         wanted = {reason: RejectGroup(stage, reason, n) for reason, n in stats["rejects"].items() if n}
         if not wanted:
             continue
-        for shard in run.shards(stage):
+        for shard in shards_of(stage):
             if all(len(g.examples) >= min(per_reason, g.count) for g in wanted.values()):
                 break
             for r in run.read_rejects(stage, [shard]).to_pylist():

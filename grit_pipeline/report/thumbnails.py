@@ -1,6 +1,7 @@
 """Image pixels for the report and `grit inspect`: a row's image read with the detect stage's own reader
 (`stages.image_reader`: fsspec URLs incl. `tar://member::tar`, one ranged read per image from the
-`image_offset`/`image_size` ingest recorded) and decoded with its checked decoder (`stages.images`: size
+`image_offset`/`image_size` ingest recorded; only where the run's allow-list allows, never http(s):
+`stages.image_refs`) and decoded with its checked decoder (`stages.images`: size
 and bomb limits, EXIF orientation, odd modes to RGB), then made into an embeddable JPEG thumbnail. Only the
 shown images are read.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from stages.image_reader import ImageLocation, read_images
+from stages.image_refs import ImageAllowList
 from stages.images import DecodedImage, ImageFailure, ResizeSpec, decode_image
 from stages.retry import TransientIOError
 
@@ -30,14 +32,15 @@ class Thumbnail:
     height: int
 
 
-def load_images(locations: Sequence[ImageLocation | None],
+def load_images(locations: Sequence[ImageLocation | None], allowed: ImageAllowList,
                 longest_side: int | None = None) -> list[Image.Image | ImageUnavailable]:
     """RGB images at `locations` (`ImageLocation.from_row` of the rows shown), scaled so the longest side
     is `longest_side` (None: original size); a failure for one image is returned in its place, never
-    raised (a transient read error that outlasts its retries fails every image of the call)."""
+    raised (a transient read error that outlasts its retries fails every image of the call). Only
+    references `allowed` allows are read (the run's `RunFiles.allowed_images`); never http(s)."""
     resize = ResizeSpec(size=longest_side, max_size=None, mode="longer") if longest_side else None
     try:
-        blobs: list[bytes | ImageFailure] = read_images(list(locations))
+        blobs: list[bytes | ImageFailure] = read_images(list(locations), allowed=allowed)
     except TransientIOError as e:
         return [ImageUnavailable(f"image_unreadable: {e}") for _ in locations]
     out: list[Image.Image | ImageUnavailable] = []
@@ -51,9 +54,9 @@ def load_images(locations: Sequence[ImageLocation | None],
     return out
 
 
-def open_image(location: ImageLocation | None) -> Image.Image:
+def open_image(location: ImageLocation | None, allowed: ImageAllowList) -> Image.Image:
     """One row's image at its original size (boxes are normalized to it); raises ImageUnavailable."""
-    img = load_images([location])[0]
+    img = load_images([location], allowed)[0]
     if isinstance(img, ImageUnavailable):
         raise img
     return img

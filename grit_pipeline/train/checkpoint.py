@@ -21,14 +21,20 @@ from dataclasses import asdict, dataclass, field
 
 import fsspec
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from grit_pipeline.errors import UserError, reading
 from grit_pipeline.train.config import TrainConfig
 from grit_pipeline.train.model import GroundedLM
 from grit_pipeline.train.tokenizer import GroundedTokenizer
 
 LATEST = "latest"
+
+
+class NoCheckpoint(UserError, FileNotFoundError):
+    """The path holds no checkpoint (neither `latest` nor model.safetensors)."""
 
 
 @dataclass
@@ -84,7 +90,7 @@ def resolve_checkpoint(path: str) -> str | None:
     fs, root = fsspec.core.url_to_fs(path)
     root = root.rstrip("/")
     if fs.exists(f"{root}/{LATEST}"):
-        with fs.open(f"{root}/{LATEST}", "r") as f:
+        with fs.open(f"{root}/{LATEST}", "r") as f, reading(f"{path}/{LATEST}", "checkpoint pointer", ValueError):
             return fs.unstrip_protocol(f"{root}/{f.read().strip()}")
     if fs.exists(f"{root}/model.safetensors"):
         return fs.unstrip_protocol(root)
@@ -101,20 +107,29 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu"
     """(model with weights loaded, tokenizer, config, trainer state, step folder) from a run or step folder."""
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint at {path!r} (expected {LATEST} or model.safetensors)")
-    config = TrainConfig.model_validate_json(_read(ckpt, "config.json", "r"))
-    tokenizer = GroundedTokenizer.from_json(_read(ckpt, "tokenizer.json", "r"))
-    state = TrainerState(**json.loads(_read(ckpt, "trainer_state.json", "r")))
-    model = GroundedLM(config.model)
-    model.load_state_dict(load_safetensors(_read(ckpt, "model.safetensors")))
+        raise NoCheckpoint(f"{path}: no checkpoint (expected a training output folder with a `{LATEST}` file, or a "
+                           "step folder with model.safetensors)")
+    # what a missing, truncated or foreign file in the folder raises (pydantic's ValidationError and JSON
+    # errors are ValueErrors; load_state_dict says RuntimeError on mismatched weights)
+    with reading(ckpt, "checkpoint", FileNotFoundError, ValueError, TypeError, KeyError, RuntimeError,
+                 SafetensorError):
+        config = TrainConfig.model_validate_json(_read(ckpt, "config.json", "r"))
+        tokenizer = GroundedTokenizer.from_json(_read(ckpt, "tokenizer.json", "r"))
+        state = TrainerState(**json.loads(_read(ckpt, "trainer_state.json", "r")))
+        model = GroundedLM(config.model)
+        model.load_state_dict(load_safetensors(_read(ckpt, "model.safetensors")))
     return model.to(map_location), tokenizer, config, state, ckpt
 
 
 def load_optimizer_state(ckpt: str, optimizer: torch.optim.Optimizer, scheduler) -> None:
     """Restore optimizer, scheduler and RNG state saved beside the weights."""
-    blob = torch.load(io.BytesIO(_read(ckpt, "optimizer.pt")), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
+    # torch.load(weights_only=True) refuses a file that is not a checkpoint with pickle's UnpicklingError,
+    # named through torch so that this module imports no unpickler
+    with reading(ckpt, "checkpoint", FileNotFoundError, ValueError, TypeError, KeyError, RuntimeError,
+                 torch.serialization.pickle.UnpicklingError):
+        blob = torch.load(io.BytesIO(_read(ckpt, "optimizer.pt")), map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     if blob["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])

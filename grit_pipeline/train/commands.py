@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from grit_pipeline.cli_options import JsonOpt
+from grit_pipeline.commands.options import JsonOpt
 from grit_pipeline.train.choices import DEVICES, ExportFormat, check_device
 
 console = Console()
@@ -24,15 +24,34 @@ def _device(value: str) -> str:
         raise typer.BadParameter(str(e)) from None
 
 
-# Flags shared by the trainer's commands (and named as the pipeline's commands name theirs).
+# Flags shared by the trainer's commands (and named as the pipeline's commands name theirs). The shards to
+# read are `--data`; `--shards` (its name before, while `grit run --shards` is a shard range) still works
+# for one release, with a warning.
 OutOpt = Annotated[str, typer.Option("--out", "--output", "-o", help="Output folder (fsspec URL).")]
-ShardsOpt = Annotated[str, typer.Option("--shards", help="GrIT shards: a run dir, a folder of shards, a file or a "
-                                                         "glob (fsspec).")]
+DATA_HELP = "GrIT shards: a run dir, a folder of shards, a file or a glob (fsspec). Required."
+DataOpt = Annotated[str | None, typer.Option("--data", help=DATA_HELP, show_default=False)]
+OldShardsOpt = Annotated[str | None, typer.Option("--shards", hidden=True, show_default=False,
+                                                  help="Deprecated name of --data (removed in the next release).")]
 MaxRowsOpt = Annotated[int | None, typer.Option("--max-rows", min=1, help="Only the first N rows.")]
 DEVICE = typer.Option("--device", parser=_device, metavar="|".join(DEVICES),
                       help="auto: the GPU when CUDA is available, else the CPU.")
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads; 0: torch's default (one "
                                                                   "per core). 1 suits the default model.")]
+
+
+def _data(data: str | None, shards: str | None, command: str) -> str:
+    """The `--data` value, accepting the deprecated `--shards` with a warning on stderr."""
+    from schemas.display import display_text
+
+    if shards is not None:
+        if data is not None:
+            raise typer.BadParameter("give --data only (--shards is its deprecated name)", param_hint="'--shards'")
+        typer.echo(display_text(f"warning: `grit {command} --shards {shards}` is deprecated; use `--data {shards}` "
+                                "(in `grit run`, --shards selects a shard range)"), err=True)
+        return shards
+    if data is None:
+        raise typer.BadParameter("missing: give the GrIT shards to read", param_hint="'--data'")
+    return data
 
 
 def _print(result: dict, title: str, as_json: bool = False) -> None:
@@ -58,9 +77,9 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 def train_command(
-    shards: ShardsOpt,
+    data: DataOpt = None,
     out: Annotated[str, typer.Option("--out", "--output", "-o",
-                                     help="Output folder for checkpoints and metrics.jsonl; resumes from it.")],
+                                     help="Output folder for checkpoints and metrics.jsonl; resumes from it.")] = ...,
     config: Annotated[str | None, typer.Option("--config", "-c", help="YAML TrainConfig.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Optimizer steps in total (default 1200).")
                      ] = None,
@@ -82,32 +101,30 @@ def train_command(
     as_json: JsonOpt = False,
     overrides: Annotated[list[str] | None, typer.Argument(
         help="TrainConfig overrides as key=value, e.g. model.dim=256 tokenizer=byte.", show_default=False)] = None,
+    shards: OldShardsOpt = None,
 ) -> None:
     """Train the tiny Kosmos-2-style grounded LM on GrIT shards. Several GPUs or processes:
     `torchrun --nproc_per_node N .venv/bin/grit train ...` (DDP; NCCL on GPUs, gloo on CPUs)."""
-    from grit_pipeline.config import ConfigError
     from grit_pipeline.logs import basic_config  # escapes control characters in log lines
     from grit_pipeline.train.config import load_config
     from grit_pipeline.train.trainer import train
 
+    data = _data(data, shards, "train")
     basic_config(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(config, overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                          grounding_fraction=grounding_fraction, num_workers=workers, device=device,
-                          torch_threads=threads, time_limit_s=time_limit)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    result = train(shards, out, cfg, resume=not no_resume)
+    cfg = load_config(config, overrides, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                      grounding_fraction=grounding_fraction, num_workers=workers, device=device,
+                      torch_threads=threads, time_limit_s=time_limit)
+    result = train(data, out, cfg, resume=not no_resume)
     losses = result.pop("losses")
     result["first_loss"] = losses[0] if losses else None
     _print(result, "train", as_json)
 
 
 def eval_command(
-    shards: Annotated[str, typer.Option("--shards", help="Held-out GrIT shards (as for `grit train --shards`).")],
+    data: Annotated[str | None, typer.Option(
+        "--data", help="Held-out GrIT shards (as for `grit train --data`). Required.", show_default=False)] = None,
     ckpt: Annotated[str, typer.Option("--ckpt", help="Training output folder (uses its latest checkpoint) or a "
-                                                     "step folder.")],
+                                                     "step folder.")] = ...,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass.")] = 64,
     max_rows: MaxRowsOpt = None,
     device: Annotated[str, DEVICE] = "auto",
@@ -115,11 +132,13 @@ def eval_command(
     out: Annotated[str | None, typer.Option("--out", "--output", "-o", help="Also write the figures as JSON here.")
                    ] = None,
     as_json: JsonOpt = False,
+    shards: OldShardsOpt = None,
 ) -> None:
     """Phrase-grounding accuracy (IoU > 0.5), location-token cross-entropy and mean-box baselines."""
     from grit_pipeline.train.evaluate import evaluate
 
-    result = evaluate(ckpt, shards, batch_size=batch_size, max_rows=max_rows, device=device, torch_threads=threads)
+    data = _data(data, shards, "eval")
+    result = evaluate(ckpt, data, batch_size=batch_size, max_rows=max_rows, device=device, torch_threads=threads)
     _write_json(out, result)
     _print(result, "eval", as_json)
 
@@ -144,17 +163,35 @@ def synth_command(
 
 
 def export_command(
-    shards: Annotated[str, typer.Option("--shards", help="GrIT shards to export (as for `grit train --shards`).")],
-    out: OutOpt,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="GrIT shards to export (as for `grit train --data`). Required.", show_default=False)] = None,
+    out: OutOpt = ...,
     fmt: Annotated[ExportFormat, typer.Option(
         "--format", help="imagefolder: images + metadata.jsonl; parquet: key, image bytes, text.")] = "imagefolder",
     max_rows: MaxRowsOpt = None,
+    external_images: Annotated[list[str] | None, typer.Option(
+        "--external-images", metavar="PREFIX",
+        help="Also read images under this URI prefix (repeatable; `true`: any local path or object store). "
+             "By default only the shards' folders and, for a run's shards, the run's input. Never http(s).")
+    ] = None,
     as_json: JsonOpt = False,
+    shards: OldShardsOpt = None,
 ) -> None:
     """Export (image, text) rows for Hugging Face Kosmos-2 fine-tuning."""
+    from pydantic import ValidationError
+
+    from grit_pipeline.errors import BadInput
     from grit_pipeline.train.export import export_kosmos2
 
-    _print(export_kosmos2(shards, out, fmt=fmt, max_rows=max_rows), "export", as_json)
+    data = _data(data, shards, "export")
+    allowed: bool | list[str] = external_images or False
+    if external_images and len(external_images) == 1 and external_images[0].strip().lower() == "true":
+        allowed = True
+    try:
+        result = export_kosmos2(data, out, fmt=fmt, max_rows=max_rows, external_images=allowed)
+    except ValidationError as e:  # a prefix that is not one (http, relative): one error line, exit 2
+        raise BadInput(f"--external-images: {' '.join(str(e).split())}") from None
+    _print(result, "export", as_json)
 
 
 def register(app: typer.Typer) -> None:

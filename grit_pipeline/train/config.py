@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from grit_pipeline.config import load_settings
 from grit_pipeline.train.choices import check_device
 from grit_pipeline.train.model import ModelConfig
+from stages.image_refs import ExternalImages
 
 
 class TrainConfig(BaseModel):
@@ -43,6 +44,10 @@ class TrainConfig(BaseModel):
     num_workers: int = 1
     shuffle_buffer: int = 1000
     on_missing_image: Literal["skip", "error"] = "skip"
+    # Image references outside a shard's own folder (and, for a run's final shards, outside what the run
+    # allowed) that may be read: URI prefixes (["s3://my-images/"]) or true for any local path or object
+    # store; http(s) never (`grit_pipeline.train.images`, `stages.image_refs`).
+    external_images: ExternalImages = False
     device: Annotated[str, AfterValidator(check_device)] = "auto"  # auto | cpu | cuda | cuda:N
     # torch intra-op threads of the training process (None or 0: torch's default, one per core). 1 by
     # default: on a CPU shared with other jobs, oversubscribed OpenMP threads made steps ~15x slower here.

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from grit_pipeline.errors import BadInput, UserError, local_path, reading
 from grit_pipeline.train.images import ImageUnavailable, decode_image, read_image_bytes, run_image_refs
 from grit_pipeline.train.tokenizer import GroundedTokenizer
 
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # Columns the trainer reads when present; everything else in a shard is left on disk.
 ROW_COLUMNS = ("key", "caption", "grounded_caption", "url", "image_ref", "image_bytes")
+
+
+SHARDS_EXPECTED = "expected GrIT shards: a run directory, a folder of .parquet shards, a file or a glob"
+
+
+class NoShards(UserError, FileNotFoundError):
+    """`--data` names no GrIT shard: nothing there, or nothing that ends in .parquet."""
 
 
 def list_shards(uris: str | list[str]) -> list[str]:
@@ -53,10 +61,10 @@ def list_shards(uris: str | list[str]) -> list[str]:
         elif fs.exists(path):
             paths = [path]
         else:
-            raise FileNotFoundError(f"no GrIT shards at {uri!r}")
+            raise NoShards(f"{uri}: no such file or folder ({SHARDS_EXPECTED})")
         found.extend(fs.unstrip_protocol(p) for p in paths if not p.endswith(".rejects.parquet"))
     if not found:
-        raise FileNotFoundError(f"no .parquet shards under {uris!r}")
+        raise NoShards(f"{', '.join(uris)}: no .parquet shards there ({SHARDS_EXPECTED})")
     return sorted(set(found))
 
 
@@ -65,12 +73,18 @@ def iter_rows(shard: str, columns: tuple[str, ...] = ROW_COLUMNS, batch_size: in
     `image_ref` the shard lacks is looked up (with the image's location in its tar) in the pipeline run
     the shard belongs to, if any."""
     with fsspec.open(shard, "rb") as f:
-        pf = pq.ParquetFile(f)
+        with reading(shard, "Parquet file"):
+            pf = pq.ParquetFile(f)
         present = [c for c in columns if c in pf.schema_arrow.names]
         if "key" not in present:
-            raise ValueError(f"{shard}: not a GrIT shard (no 'key' column)")
+            raise BadInput(f"{local_path(shard)}: not a GrIT shard (no 'key' column)")
         refs = run_image_refs(shard) if "image_ref" in columns and "image_ref" not in present else {}
-        for batch in pf.iter_batches(batch_size=batch_size, columns=present):
+        batches = pf.iter_batches(batch_size=batch_size, columns=present)
+        while True:
+            with reading(shard, "Parquet file"):  # a damaged page fails here, naming its shard
+                batch = next(batches, None)
+            if batch is None:
+                return
             for row in batch.to_pylist():
                 if refs:
                     row.update(refs.get(row["key"]) or {"image_ref": None})
@@ -126,6 +140,7 @@ class GritStreamingDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         on_missing_image: str = "skip",
+        external_images: bool | list[str] = False,
     ):
         if on_missing_image not in ("skip", "error"):
             raise ValueError("on_missing_image must be 'skip' or 'error'")
@@ -145,6 +160,7 @@ class GritStreamingDataset(IterableDataset):
         self.grounding_fraction = grounding_fraction
         self.rank, self.world_size = rank, world_size
         self.on_missing_image = on_missing_image
+        self.external_images = external_images
         self.epoch = 0
         self.skipped = 0
 
@@ -184,7 +200,7 @@ class GritStreamingDataset(IterableDataset):
         for shard, row in self._shuffled():
             key = row["key"]
             try:
-                pixels = decode_image(read_image_bytes(row, shard), self.image_size)
+                pixels = decode_image(read_image_bytes(row, shard, self.external_images), self.image_size)
             except (ImageUnavailable, OSError, ValueError) as e:
                 if self.on_missing_image == "error":
                     raise ImageUnavailable(f"{shard}: key {key!r}: {e}") from e

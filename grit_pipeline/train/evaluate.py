@@ -80,7 +80,7 @@ def row_phrases(tok: GroundedTokenizer, layout: SequenceLayout, row: dict, index
 
 
 def _rows(shards: list[str], tok: GroundedTokenizer, layout: SequenceLayout, image_size: int,
-          max_rows: int | None, missing: list[str]) -> Iterator[EvalRow]:
+          max_rows: int | None, missing: list[str], external_images: bool | list[str] = False) -> Iterator[EvalRow]:
     """Evaluation rows in shard order; keys of rows whose image cannot be read are appended to `missing`."""
     n = 0
     for shard in shards:
@@ -90,7 +90,7 @@ def _rows(shards: list[str], tok: GroundedTokenizer, layout: SequenceLayout, ima
             if not row.get("grounded_caption"):
                 continue
             try:
-                pixels = decode_image(read_image_bytes(row, shard), image_size)
+                pixels = decode_image(read_image_bytes(row, shard, external_images), image_size)
             except (ImageUnavailable, OSError, ValueError):
                 missing.append(row["key"])
                 continue
@@ -142,7 +142,8 @@ def evaluate(ckpt: str, shards: str | list[str], *, batch_size: int = 64, max_ro
     model.to(dev).eval()
     layout = SequenceLayout(config.model.num_image_tokens, config.model.max_text_tokens)
     missing: list[str] = []
-    rows = list(_rows(list_shards(shards), tok, layout, config.model.image_size, max_rows, missing))
+    rows = list(_rows(list_shards(shards), tok, layout, config.model.image_size, max_rows, missing,
+                      config.external_images))
     phrases = [p for r in rows for p in r.phrases]
     preds: list[Box] = []
     loc_nll, loc_count = 0.0, 0

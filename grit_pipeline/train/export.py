@@ -9,7 +9,8 @@ adds the `<image>...</image>` part itself, so pass `text=row["text"]` and no `bb
   `datasets.load_dataset("imagefolder", data_dir=out)` reads;
 - `parquet`: `<out>/data-NNNNN.parquet` with columns `key`, `image` (bytes) and `text`, one file per shard.
 
-Rows whose image cannot be found are left out and counted (the summary names the first few keys).
+Rows whose image cannot be found, or lies outside the allowed locations (`shard_allow_list`; never http),
+are left out and counted (the summary names the first few keys).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from pydantic import TypeAdapter
 
 from grit_pipeline.train.choices import ExportFormat
 from grit_pipeline.train.dataset import iter_rows, list_shards
 from grit_pipeline.train.images import ImageUnavailable, read_image_bytes
+from stages.image_refs import ExternalImages
 
 EXPORT_COLUMNS = ("key", "grounded_caption", "url", "image_ref", "image_bytes")
 PARQUET_SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("text", pa.string())])
@@ -50,16 +53,20 @@ def _file_name(key: str, data: bytes) -> str:
 
 
 def export_kosmos2(shards: str | list[str], out: str, fmt: ExportFormat = "imagefolder",
-                   max_rows: int | None = None) -> dict:
-    """Write the export; returns {"rows", "missing_images", "missing_keys" (first 10), "files"}."""
+                   max_rows: int | None = None, external_images: bool | list[str] = False) -> dict:
+    """Write the export; returns {"rows", "missing_images", "missing_keys" (first 10), "files"}. Images are
+    read only where `grit_pipeline.train.images.shard_allow_list` allows (the shard's folder, the run's
+    input, `external_images`: false, true or prefixes), never over http(s)."""
     if fmt not in get_args(ExportFormat):
         raise ValueError(f"format must be one of {', '.join(get_args(ExportFormat))}, not {fmt!r}")
+    external_images = TypeAdapter(ExternalImages).validate_python(external_images)
+    shard_list = list_shards(shards)  # before anything is written
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(f"{root}/images" if fmt == "imagefolder" else root, exist_ok=True)
     written, missing, missing_keys, files = 0, 0, [], []
     meta = fs.open(f"{root}/metadata.jsonl", "w") if fmt == "imagefolder" else None
     try:
-        for i, shard in enumerate(list_shards(shards)):
+        for i, shard in enumerate(shard_list):
             keys, images, texts = [], [], []
             for row in iter_rows(shard, EXPORT_COLUMNS):
                 if max_rows is not None and written >= max_rows:
@@ -67,7 +74,7 @@ def export_kosmos2(shards: str | list[str], out: str, fmt: ExportFormat = "image
                 if not row.get("grounded_caption"):
                     continue
                 try:
-                    data = read_image_bytes(row, shard)
+                    data = read_image_bytes(row, shard, external_images)
                 except ImageUnavailable:
                     missing += 1
                     if len(missing_keys) < 10:

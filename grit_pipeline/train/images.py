@@ -14,15 +14,20 @@ up, in this order:
    chained `tar://<member>::<tar path>` URL into a webdataset shard, `s3://`, `gs://`, `memory://`...
    A relative path is resolved against the directory of the shard holding the row.
 
-`http(s)://` URLs are not fetched (downloading is img2dataset's job, `grit download`); such rows are
-reported as unreadable. Bytes are read with the pipeline's own reader (`stages.image_reader`: one ranged
+Only references inside the allowed locations are read (`shard_allow_list`, checked by the pipeline's one
+check, `stages.image_refs`): the shard's own folder; for a run's final shard, what the run allowed (its
+input and `ingest.external_images`, from run.yaml); and the trainer's `external_images`. `http(s)://`
+URLs are never fetched (downloading is img2dataset's job, `grit download`). Such rows are reported as
+unreadable, naming the reference and why. Bytes are read with the pipeline's own reader (`stages.image_reader`: one ranged
 read per tar member, transient errors retried) and decoded with its checked decoder (`stages.images`:
 format, size and decompression-bomb limits, EXIF orientation, odd modes to RGB), not PIL's defaults.
 """
 
 from __future__ import annotations
 
+import functools
 import posixpath
+from collections.abc import Sequence
 
 import fsspec
 import numpy as np
@@ -31,10 +36,11 @@ import torch
 import yaml
 
 from stages.image_reader import ImageLocation, read_images
+from stages.image_refs import ImageAllowList
 from stages.images import DecodeLimits, ImageFailure, ResizeSpec
 from stages.images import decode_image as checked_decode
+from stages.ingest import allowed_images_of_run
 
-WEB_PROTOCOLS = ("http", "https", "ftp")
 IMAGE_COLUMNS = ("image_bytes", "image_ref", "url")
 LOCATION_COLUMNS = ("image_ref", "image_offset", "image_size")  # what a run's ingest output gives a row
 
@@ -47,12 +53,10 @@ def _protocol(url: str) -> str | None:
     return url.split("://", 1)[0] if "://" in url else None
 
 
-def _resolve(ref: str, shard_url: str) -> str | None:
-    """An fsspec URL to open for `ref`, or None for a web URL. In a chained URL (`tar://m::path`) the
-    last link is the real file; only it may be relative to the shard's directory."""
+def _resolve(ref: str, shard_url: str) -> str:
+    """An fsspec URL to open for `ref`. In a chained URL (`tar://m::path`) the last link is the real file;
+    only it may be relative to the shard's directory. Whether it may be read is `read_images`' check."""
     links = ref.split("::")
-    if any(_protocol(link) in WEB_PROTOCOLS for link in links):
-        return None
     last = links[-1]
     if _protocol(last) is None and not posixpath.isabs(last):
         links[-1] = posixpath.join(posixpath.dirname(shard_url), last)
@@ -87,24 +91,42 @@ def run_image_refs(shard_url: str) -> dict[str, dict]:
     return {}
 
 
-def read_image_bytes(row: dict, shard_url: str) -> bytes:
-    """The encoded image of `row` (a dict of its columns), or ImageUnavailable. A transient read error
-    that outlasts its retries raises `stages.retry.TransientIOError` (an OSError)."""
+@functools.lru_cache(maxsize=256)
+def shard_allow_list(shard_url: str, external_images: bool | tuple[str, ...] = False) -> ImageAllowList:
+    """Where the image references of a GrIT shard's rows may point: the shard's own folder; for a final
+    shard of a pipeline run (`<run>/grit/shard-NNNNN.parquet`), what the run allowed (run.yaml); and
+    `external_images` (the trainer's setting: false, true or prefixes). Read once per shard and process."""
+    allowed = ImageAllowList.of(external_images, opt_in="the trainer's external_images").with_roots(
+        posixpath.dirname(shard_url))
+    grit_dir = posixpath.dirname(shard_url)
+    if posixpath.basename(grit_dir) == "grit":
+        fs, run = fsspec.core.url_to_fs(posixpath.dirname(grit_dir))
+        try:
+            with fs.open(f"{run}/run.yaml", "r") as f:
+                allowed = allowed.union(allowed_images_of_run(yaml.safe_load(f) or {}))
+        except (OSError, yaml.YAMLError):
+            pass
+    return allowed
+
+
+def read_image_bytes(row: dict, shard_url: str, external_images: bool | Sequence[str] = False) -> bytes:
+    """The encoded image of `row` (a dict of its columns), or ImageUnavailable; only references that
+    `shard_allow_list(shard_url, external_images)` allows are read. A transient read error that outlasts
+    its retries raises `stages.retry.TransientIOError` (an OSError)."""
     data = row.get("image_bytes")
     if data:
         return bytes(data)
+    allowed = shard_allow_list(shard_url, external_images if isinstance(external_images, bool)
+                               else tuple(external_images))
     tried = []
     for column in ("image_ref", "url"):
         ref = row.get(column)
         if not ref:
             continue
         target = _resolve(ref, shard_url)
-        if target is None:
-            tried.append(f"{column}={ref!r} (web URLs are not fetched)")
-            continue
         located = (ImageLocation(target, row.get("image_offset"), row.get("image_size"), row.get("key"))
                    if column == "image_ref" else ImageLocation(target, key=row.get("key")))
-        got = read_images([located])[0]
+        got = read_images([located], allowed=allowed)[0]
         if not isinstance(got, ImageFailure):
             return got
         tried.append(f"{column}={target!r} ({got.reason.value}: {got.detail})")

@@ -258,7 +258,8 @@ def _train(shards, out: str, config: TrainConfig, ctx: DistContext, resume: bool
     dataset = GritStreamingDataset(
         shard_list, tokenizer, layout, config.model.image_size, seed=config.seed,
         shuffle_buffer=config.shuffle_buffer, grounding_fraction=config.grounding_fraction,
-        rank=ctx.rank, world_size=ctx.world_size, on_missing_image=config.on_missing_image)
+        rank=ctx.rank, world_size=ctx.world_size, on_missing_image=config.on_missing_image,
+        external_images=config.external_images)
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
                         collate_fn=collate, pin_memory=device.type == "cuda", generator=torch.Generator())
     stream = _batches(loader, dataset, state.epoch, state.batches_in_epoch, config.seed)

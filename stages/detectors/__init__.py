@@ -20,13 +20,14 @@ __all__ = ["ChunkPrompt", "Detections", "Detector", "ImageInput", "build_detecto
 
 def build_detector(config: DetectConfig, execution: DetectExecution | None = None) -> Detector:
     execution = execution if execution is not None else DetectExecution()
-    scoring = {"floor": config.floor, "max_candidates": config.max_candidates}
+    scoring = {"floor": config.floor, "max_candidates": config.max_candidates,
+               "chunk_candidates": config.chunk_candidates}
     if config.backend == "replay":
         from stages.detectors.replay import ReplayDetector
 
         return ReplayDetector(path=config.replay_path, mode=config.replay_mode, **scoring)
     runtime = {**scoring, "batch_size": execution.batch_size, "device": execution.device,
-               "precision": execution.precision}
+               "precision": config.precision, "prompt": config.prompt, "chunk_score": config.chunk_score}
     if config.backend == "hf":
         if not config.hf_model:
             raise ValueError("detect.backend=hf needs detect.hf_model (a local directory or a model id)")

@@ -1,9 +1,10 @@
 """The `Detector` protocol every detection backend implements, and the candidate list they return.
 
 `DetectStage` (stages/detect.py) turns a batch of rows into `ImageInput`s (decoded pixels) and
-`ChunkPrompt`s (the row's noun chunks) and calls `detector.detect(images, prompts)`; it gets back one
-`Detections` per image: raw candidates before threshold or NMS, every (box, chunk) pair whose score is
-at least the floor, at most `max_candidates` per image (see `finalize`). `select` re-thresholds them on CPU.
+`ChunkPrompt`s (the row's caption and noun chunks) and calls `detector.detect(images, prompts)`; it gets
+back one `Detections` per image: raw candidates before threshold or NMS, every (box, chunk) pair whose
+score is at least the floor, each chunk's best `chunk_candidates` and up to `max_candidates` per image in
+all (see `finalize`). `select` re-thresholds them on CPU.
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ class ImageInput:
 
 @dataclass(frozen=True)
 class ChunkPrompt:
-    """The chunks of one caption to ground: their text and their (start, end) char spans in the caption."""
+    """The chunks of one caption to ground: their text, their (start, end) char spans in the caption, and
+    the caption (the `caption` prompt form reads it; empty when the prompt was built from phrases only)."""
 
     phrases: tuple[str, ...]
     spans: tuple[tuple[int, int], ...] = ()
+    caption: str = ""
 
     @classmethod
     def from_caption(cls, caption: str, spans: Sequence[tuple[int, int]]) -> ChunkPrompt:
         spans = tuple((int(s), int(e)) for s, e in spans)
-        return cls(tuple(caption[s:e] for s, e in spans), spans)
+        return cls(tuple(caption[s:e] for s, e in spans), spans, caption)
 
 
 @dataclass
@@ -78,10 +81,12 @@ class Detector(Protocol):
 
 
 def finalize(box: np.ndarray, chunk: np.ndarray, xyxy: np.ndarray, score: np.ndarray, box_score: np.ndarray,
-             *, floor: float, max_candidates: int, what: str = "box") -> Detections:
-    """Raw (box, chunk) entries of one image -> `Detections`: keep `score >= floor`, at most
-    `max_candidates` entries (highest scores; ties by box then chunk), boxes renumbered by falling
-    box score, entries sorted by (box, chunk). Duplicate (box, chunk) entries keep their best score."""
+             *, floor: float, max_candidates: int, chunk_candidates: int = 0, what: str = "box") -> Detections:
+    """Raw (box, chunk) entries of one image -> `Detections`: keep `score >= floor`; of those, each chunk's
+    best `chunk_candidates` entries, and the image's best `max_candidates` (highest scores; ties by box
+    then chunk), so that near-duplicates of one chunk never take every place of another; boxes renumbered
+    by falling box score, entries sorted by (box, chunk). Duplicate (box, chunk) entries keep their best
+    score. Unassigned entries (chunk -1) only ever take places under `max_candidates`."""
     box = np.asarray(box, np.int64)
     chunk = np.asarray(chunk, np.int64)
     xyxy = np.asarray(xyxy, np.float64).reshape(-1, 4)
@@ -96,7 +101,13 @@ def finalize(box: np.ndarray, chunk: np.ndarray, xyxy: np.ndarray, score: np.nda
     # best score first; ties broken by (box, chunk) so the cut is deterministic
     order = np.lexsort((chunk, box, -score.astype(np.float64)))
     _, first = np.unique(np.stack([box[order], chunk[order]], 1), axis=0, return_index=True)
-    order = order[np.sort(first)][:max_candidates]
+    order = order[np.sort(first)]
+    if len(order) > max_candidates:
+        kept = np.arange(len(order)) < max_candidates
+        if chunk_candidates > 0:
+            ranked = chunk[order]
+            kept |= (ranked >= 0) & (_rank_within(ranked) < chunk_candidates)
+        order = order[kept]
     box, chunk, xyxy, score, box_score = box[order], chunk[order], xyxy[order], score[order], box_score[order]
 
     # renumber boxes 0.. by falling box score (ties: original number)
@@ -111,3 +122,14 @@ def finalize(box: np.ndarray, chunk: np.ndarray, xyxy: np.ndarray, score: np.nda
     return Detections(box=box[order].astype(np.int32), chunk=chunk[order].astype(np.int32),
                       xyxy=np.ascontiguousarray(xyxy[order]), score=score[order],
                       box_score=box_score[order])
+
+
+def _rank_within(groups: np.ndarray) -> np.ndarray:
+    """Each element's position among the elements of its group, in array order (0 = first of its group)."""
+    idx = np.argsort(groups, kind="stable")
+    sorted_groups = groups[idx]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    sizes = np.diff(np.r_[starts, len(groups)])
+    rank = np.empty(len(groups), np.int64)
+    rank[idx] = np.arange(len(groups)) - np.repeat(starts, sizes)
+    return rank

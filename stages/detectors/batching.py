@@ -1,5 +1,5 @@
-"""GPU batching helpers for the model backends: device and precision choice, padding images of different
-sizes into one tensor with a padding mask, and running work in batches that halve on CUDA out-of-memory.
+"""Batching helpers for the model backends: device and precision choice, padding images into one tensor
+with a padding mask, and running work in batches that halve on CUDA out-of-memory.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for `precision` ("auto", "fp32", "bf16", "fp16"): mixed precision on CUDA only;
-    "auto" picks bf16 where the card supports it, else fp16. None = run in fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
+    """The autocast dtype for `DetectConfig.precision`: None for "fp32" (no autocast: the references'
+    numerics), bfloat16 for "bf16", float16 for "fp16", on whatever device runs the model (CPU autocast
+    included), so that the fingerprinted setting is what actually ran."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of {sorted(dtypes)}, not {precision!r}")
+    return dtypes[precision]
 
 
 def inference_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -1,10 +1,15 @@
 """`hf` backend: Hugging Face transformers zero-shot detectors, from a local directory or a model id.
 
 - `GroundingDinoForObjectDetection` (model_type "grounding-dino", e.g. IDEA-Research/grounding-dino-tiny):
-  one text prompt per pass with all chunks, scores per token, mapped to chunks like the official code.
+  one text prompt per pass (`detect.prompt`: the caption, or the chunks joined), scores per token, each
+  chunk's score the mean (or max, `detect.chunk_score`) over its tokens, like the official code.
 - `Owlv2ForObjectDetection` (model_type "owlv2", e.g. google/owlv2-base-patch16-ensemble): one text
-  query per chunk, so each query's score is directly that chunk's score. OWLv2 sees the image padded to
-  a square (grey) at `vision_config.image_size`; its boxes are mapped back to the original image.
+  query per chunk (the chunk's own text, whitespace collapsed; its CLIP tokenizer lower-cases it), so
+  each query's score is directly that chunk's score: `detect.prompt` and `detect.chunk_score` do not apply
+  (OWLv2 has no caption form; a query longer than its 16-token text window is cut by the tokenizer, as
+  transformers' own processor does). OWLv2 sees the image padded to a square (grey) at
+  `vision_config.image_size`, the same canvas whatever the batch; its boxes are mapped back to the
+  original image.
 
 The directory needs the model's config + weights and its tokenizer files (a fast tokenizer: we need
 offsets). Image normalization follows the model's preprocessor_config.json when present.
@@ -29,7 +34,7 @@ from stages.detectors.grounding import (
     TokenGroundingDetector,
 )
 from stages.detectors.postprocess import cxcywh_to_xyxy, entries_from_probs, sigmoid
-from stages.detectors.prompts import PromptPass, build_prompt
+from stages.detectors.prompts import Passes, build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +116,13 @@ class HFOwlv2(BatchedDetector):
         self.query_tokens = int(self.model.config.text_config.max_position_embeddings)
         self.mean, self.std = _normalization(model, CLIP_MEAN, CLIP_STD)
 
-    def _passes(self, prompt: ChunkPrompt) -> list[PromptPass]:
+    def _passes(self, prompt: ChunkPrompt) -> Passes:
         # one query per chunk, all in one pass (build_prompt keeps the non-empty chunks and their ids)
         p = build_prompt(prompt.phrases)
-        return [p] if p.chunk_ids else []
+        return Passes([p] if p.chunk_ids else [])
+
+    def _batch_key(self, job: Job) -> int:
+        return 0  # every image is padded to the same square canvas: any jobs batch together
 
     def _square(self, pixels: np.ndarray) -> np.ndarray:
         """Longer side to the model's image size (already so when prepared with the OWLv2 resize spec)."""
@@ -152,5 +160,5 @@ class HFOwlv2(BatchedDetector):
             xyxy = np.clip(xyxy * np.array([self.image_size / w, self.image_size / h] * 2), 0.0, 1.0)
             token_chunk = np.asarray(job.prompt.chunk_ids, np.int32)  # query i is chunk chunk_ids[i]
             result.append(entries_from_probs(sigmoid(logits[b, :, :q]), token_chunk, xyxy, job.n_chunks,
-                                             self.floor, first_box=0))
+                                             self.floor, first_box=0, rule="max"))  # one "token" per chunk
         return result

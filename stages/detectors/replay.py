@@ -92,7 +92,7 @@ class ReplayDetector:
     needs_pixels = False
 
     def __init__(self, *, path: str | None = None, mode: str = "file", floor: float = 0.1,
-                 max_candidates: int = 100):
+                 max_candidates: int = 100, chunk_candidates: int = 0):
         if mode not in ("file", "grit20m"):
             raise ValueError(f"replay mode must be 'file' or 'grit20m', not {mode!r}")
         if mode == "file" and not path:
@@ -100,6 +100,7 @@ class ReplayDetector:
         self.mode = mode
         self.floor = floor
         self.max_candidates = max_candidates
+        self.chunk_candidates = chunk_candidates
         self.dropped: Counter = Counter()  # entries dropped as unusable, by problem (all batches)
         if mode == "file":
             self._load(path)
@@ -181,7 +182,8 @@ class ReplayDetector:
             box = _box_ids(None if box is None else np.asarray(box)[keep], xyxy)
             box_score = _best_per_box(box, score)
             out.append(finalize(box, chunk, xyxy, score, box_score, floor=self.floor,
-                                max_candidates=self.max_candidates, what="replayed box"))
+                                max_candidates=self.max_candidates, chunk_candidates=self.chunk_candidates,
+                                what="replayed box"))
         return out
 
 

@@ -7,7 +7,9 @@ The raw table (the output of `IngestStage.read`) holds, in this order:
   image_offset, image_size                             -- where the image's bytes sit inside its tar (null
                                                           when image_ref is not a tar member)
   _ingest_reject, _ingest_detail                       -- what the reader already knows is wrong with a row
-                                                          (`bad_source_row`, `download_failed`), or null
+                                                          (`bad_source_row`, `download_failed`, an image
+                                                          reference refused by `stages.image_refs`:
+                                                          `image_not_allowed`, `image_web_url`), or null
   _ingest_image_missing                                -- why the row's image was not found, or null
   passthrough columns                                  -- every other source column, source types kept;
                                                           names clashing with produced columns get `src_`
@@ -18,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.rows import RejectReason
 from schemas.tables import INGEST_COLUMNS, PRODUCED_COLUMNS, SOURCE_PREFIX
+from stages.image_refs import ImageAllowList, Refusal, check_refs, shown
 from stages.sources.config import IngestConfig
 from stages.tar_index import TarMember, read_tar_index
 
@@ -118,13 +122,84 @@ def basename(path: str) -> str:
 
 
 def list_dir(uri: str) -> dict[str, str]:
-    """Names directly under a folder URI mapped to their type (`file`/`directory`); empty if absent."""
+    """Names directly under a folder URI mapped to their type (`file`/`directory`); empty if absent. A
+    local symlink has the type of what it points at (readers check where it leads: `stages.image_refs`)."""
     fs, path = url_to_fs(uri)
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return {}
-    return {basename(e["name"]): e.get("type", "file") for e in entries}
+    return {basename(e["name"]): _entry_type(fs, e) for e in entries}
+
+
+def _entry_type(fs: fsspec.AbstractFileSystem, entry: dict) -> str:
+    kind = entry.get("type", "file")
+    if entry.get("islink") and kind == "other":  # fsspec lists local links as "other"
+        try:
+            kind = fs.info(entry["name"]).get("type", kind)  # follows the link
+        except OSError:  # a dangling link
+            pass
+    return kind
+
+
+def relative_image_path(value: str) -> str | None:
+    """The normalized POSIX path of an image inside a source folder, or None when it points outside (an
+    absolute path, a URL, or a path climbing out with `..`)."""
+    value = value.strip()
+    if not value or "://" in value or value.startswith("/"):
+        return None
+    norm = posixpath.normpath(value)
+    if norm == "." or norm == ".." or norm.startswith("../"):
+        return None
+    return norm
+
+
+def resolve_image_paths(values: Sequence[str | None], base: str,
+                        allowed: ImageAllowList) -> tuple[list[str | None], list[Refusal | None]]:
+    """Where each image path of a source points, checked (`stages.image_refs.check_refs`): a relative
+    path inside the source folder `base` is joined onto it; an absolute path or URL is taken as it is; a
+    relative path that climbs out of the folder is refused as written. Refused and null values get a
+    null ref; nothing is read or listed here."""
+    refs: list[str | None] = [None] * len(values)
+    refusals: list[Refusal | None] = [None] * len(values)
+    for i, value in enumerate(values):
+        if value is None or not value.strip():
+            continue
+        value = value.strip()
+        if "://" in value or value.startswith("/"):
+            refs[i] = value
+            continue
+        inside = relative_image_path(value)
+        if inside is None:
+            refusals[i] = Refusal(RejectReason.IMAGE_NOT_ALLOWED,
+                                  f"image path {shown(value)} climbs out of the source folder")
+        else:
+            refs[i] = join_uri(base, inside)
+    for i, refusal in enumerate(check_refs(refs, allowed)):
+        if refusal is not None:
+            refs[i], refusals[i] = None, refusal
+    return refs, refusals
+
+
+def existing_files(uris: Iterable[str]) -> set[str]:
+    """Which of `uris` exist as files, with one listing per distinct parent folder. Only pass URIs that
+    `check_refs` allowed: listing a folder is a request to wherever it is."""
+    by_dir: dict[str, set[str]] = defaultdict(set)
+    for u in uris:
+        by_dir[parent_uri(u)].add(u)
+    present: set[str] = set()
+    for folder in sorted(by_dir):
+        files = {name for name, kind in list_dir(folder).items() if kind == "file"}
+        present.update(u for u in by_dir[folder] if posixpath.basename(u) in files)
+    return present
+
+
+def flag_refused(refusals: Sequence[Refusal | None], reject: list[str | None], detail: list[str | None],
+                 prefix: Callable[[int], str] = lambda i: "") -> None:
+    """Record each refused image reference as its row's reader reject, unless the row already has one."""
+    for i, refusal in enumerate(refusals):
+        if refusal is not None and reject[i] is None:
+            reject[i], detail[i] = refusal.reason.value, prefix(i) + refusal.detail
 
 
 def stable_key(*parts: str) -> str:

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from stages.base import StageConfig
+from stages.image_refs import ExternalImages, ImageAllowList
 
 
 class IngestConfig(StageConfig):
@@ -39,14 +40,23 @@ class IngestConfig(StageConfig):
         "2,000 characters is ~500 BPE tokens, a quarter of Kosmos-2's 2,048-token training sequence; "
         "alt-texts that long are scraped page text rather than descriptions, and GroundingDINO reads "
         "only 256 text tokens of them.")
-    external_images: bool = Field(
+    external_images: ExternalImages = Field(
         False,
-        description="Parquet sources: allow `image_path` values that are absolute paths or URLs. Off by "
-                    "default, so a metadata file cannot make workers read files outside its folder or "
-                    "fetch URLs with their credentials; relative paths inside the folder always work.")
+        description="Image references outside the source's own folder that may be read: a list of URI "
+                    "prefixes (`[\"s3://my-images/\", \"/mnt/images/\"]`, compared by path component, "
+                    "symlinks resolved), or true for any local path or object-store URI (risky: one crafted "
+                    "row can then make the workers read any file or object they can reach, with their "
+                    "credentials). http(s) references are never read, whatever this says. Default false: "
+                    "only paths inside the source folder. Outside ones are rejected (image_not_allowed, "
+                    "image_web_url); `stages.image_refs` holds the rules.")
     require_image: bool | None = Field(
         None, description="Reject rows whose image is missing (missing_image). None = true for every "
         "format except grit20m, which has no images.")
+
+    def allowed_images(self, *roots: str) -> ImageAllowList:
+        """What this source's image references may point at: `roots` (the source's own folders) plus
+        `external_images`."""
+        return ImageAllowList.of(self.external_images).with_roots(*roots)
 
     def requires_image(self, fmt: str) -> bool:
         return self.require_image if self.require_image is not None else fmt != "grit20m"

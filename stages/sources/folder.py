@@ -7,14 +7,12 @@ then the image root). Other columns pass through (JSONL keeps JSON types; CSV va
 
 Keys: the `key` column when there is one, else `stable_key(<relative image path>)` -- the first 20 hex
 digits of SHA-256 of the normalized relative path -- so a row keeps its key when the captions file is
-reordered or `rows_per_shard` changes. Image paths that are absolute, URLs, or climb out of the folder
-(`../x.jpg`) are `bad_source_row`. The folder is split into shards of `rows_per_shard` records.
+reordered or `rows_per_shard` changes. Image paths that climb out of the folder (`../x.jpg`), or are
+absolute paths or URLs outside `ingest.external_images`, are `image_not_allowed`; http(s) ones
+`image_web_url` (`stages.image_refs`). The folder is split into shards of `rows_per_shard` records.
 """
 
 from __future__ import annotations
-
-import posixpath
-from collections import defaultdict
 
 import pyarrow as pa
 
@@ -24,10 +22,13 @@ from stages.sources.base import (
     SourceShard,
     assemble,
     basename,
+    existing_files,
     fill_missing_keys,
+    flag_refused,
     join_uri,
     list_dir,
     parent_uri,
+    resolve_image_paths,
     split_shards,
     stable_key,
     url_to_fs,
@@ -60,57 +61,35 @@ def discover(uri: str, cfg: IngestConfig) -> list[SourceShard]:
     return split_shards(captions, count_records(captions), cfg.rows_per_shard, "folder", images_uri=root)
 
 
-def relative_image_path(value: str) -> str | None:
-    """The normalized POSIX path of an image inside the folder, or None when it points outside."""
-    value = value.strip()
-    if not value or "://" in value or value.startswith("/"):
-        return None
-    norm = posixpath.normpath(value)
-    if norm == "." or norm == ".." or norm.startswith("../"):
-        return None
-    return norm
-
-
 def read(shard: SourceShard, cfg: IngestConfig) -> pa.Table:
     records = read_records(shard.uri, shard.row_start or 0, shard.row_end)
     parsed = records_to_table(records, cfg, shard.uri, image_aliases=IMAGE_ALIASES, image_required=True)
     table, cols, reject, detail = parsed.table, parsed.columns, parsed.reject, parsed.detail
     root = shard.images_uri or parent_uri(shard.uri)
 
-    paths: list[str | None] = [None] * table.num_rows
     images = table[cols.image].to_pylist() if cols.image else [None] * table.num_rows
-    for i, value in enumerate(images):
-        if reject[i] is not None:
-            continue
-        paths[i] = relative_image_path(value) if value is not None else None
-        if value is None:
+    values = [v if reject[i] is None else None for i, v in enumerate(images)]
+    refs, refused = resolve_image_paths(values, root, cfg.allowed_images(root))
+    flag_refused(refused, reject, detail, lambda i: f"line {parsed.lines[i]}: ")
+    for i, value in enumerate(values):
+        if reject[i] is None and (value is None or not value.strip()):
             reject[i], detail[i] = BAD_SOURCE_ROW, f"line {parsed.lines[i]}: no image path"
-        elif paths[i] is None:
-            reject[i], detail[i] = BAD_SOURCE_ROW, f"line {parsed.lines[i]}: image path {value!r} is not inside the folder"
 
     if cols.key:
         raw_keys = table[cols.key].to_pylist()
-    else:
-        raw_keys = [stable_key(p) if p is not None else None for p in paths]
+    else:  # of the path relative to the folder, or of the whole reference outside it
+        raw_keys = [None if r is None else stable_key(_shown_path(r, root)) for r in refs]
     keys = fill_missing_keys(raw_keys, shard.uri, parsed.lines, "line", reject, detail)
 
-    present = _present_files(root, [p for p in paths if p is not None])
-    refs = [join_uri(root, p) if p is not None and p in present else None for p in paths]
-    missing = [f"{p} not found in {basename(root)}/" if p is not None and p not in present else None
-               for p in paths]
+    present = existing_files(r for r in refs if r is not None)
+    missing = [f"{_shown_path(r, root)} not found in {basename(root)}/" if r is not None and r not in present
+               else None for r in refs]
     return assemble(table, cols, source=shard.uri, shard=shard.index, key=keys,
-                    image_ref=pa.array(refs, pa.string()), reject=reject, detail=detail,
-                    image_missing=missing)
+                    image_ref=pa.array([r if r in present else None for r in refs], pa.string()),
+                    reject=reject, detail=detail, image_missing=missing)
 
 
-def _present_files(root: str, paths: list[str]) -> set[str]:
-    """The subset of relative `paths` that exist as files, with one listing per distinct folder."""
-    by_dir: dict[str, list[str]] = defaultdict(list)
-    for p in paths:
-        by_dir[posixpath.dirname(p)].append(p)
-    present: set[str] = set()
-    for folder in sorted(by_dir):
-        files = {name for name, kind in list_dir(join_uri(root, folder) if folder else root).items()
-                 if kind == "file"}
-        present.update(p for p in by_dir[folder] if posixpath.basename(p) in files)
-    return present
+def _shown_path(ref: str, root: str) -> str:
+    """`ref` relative to the folder `root` when it is inside it, else as it is."""
+    inside = root.rstrip("/") + "/"
+    return ref[len(inside):] if ref.startswith(inside) else ref

@@ -10,7 +10,9 @@ One source shard per img2dataset shard; its index is the number in the file name
 the original size passes through as `original_width`/`original_height`. `status`/`error_message` are
 consumed: rows with `status != "success"` become `download_failed` rejects (detail = error_message).
 For a tar, `image_offset`/`image_size` say where the member's data sits in it (read from the same one
-listing of the tar), so detect fetches each image with one ranged read.
+listing of the tar), so detect fetches each image with one ranged read. The shard's tar or folder, and
+each file of a folder, must stay inside the input folder (or `ingest.external_images`) once symlinks are
+resolved (`stages.image_refs`); otherwise its rows are rejected `image_not_allowed` and it is not read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.image_refs import check_ref, check_refs
 from stages.sources.base import (
     DOWNLOAD_FAILED,
     SourceSchemaError,
@@ -28,10 +31,12 @@ from stages.sources.base import (
     assemble,
     basename,
     fill_missing_keys,
+    flag_refused,
     image_index,
     join_uri,
     list_dir,
     list_tar_files,
+    parent_uri,
     resolve_columns,
     url_to_fs,
 )
@@ -94,13 +99,17 @@ def read(shard: SourceShard, cfg: IngestConfig) -> pa.Table:
             reject[i] = DOWNLOAD_FAILED
             detail[i] = errors[i] or f"img2dataset status {status[i]!r}"
 
-    found, members, where = _image_index(shard)
+    allowed = cfg.allowed_images(parent_uri(shard.uri))
+    refused_all = check_ref(shard.images_uri, allowed)  # a tar or folder linked from elsewhere: not listed
+    found, members, where = _image_index(shard) if refused_all is None else ({}, {}, "")
     refs: list[str | None] = [None] * n
     offsets: list[int | None] = [None] * n
     sizes: list[int | None] = [None] * n
     missing: list[str | None] = [None] * n
     for i, key in enumerate(raw_keys):
         name = found.get(key) if key is not None else None
+        if refused_all is not None:
+            continue
         if name is None:
             missing[i] = f"no image for key {key!r} in {where}"
         elif name in members:
@@ -108,6 +117,9 @@ def read(shard: SourceShard, cfg: IngestConfig) -> pa.Table:
             offsets[i], sizes[i] = members[name].offset, members[name].size
         else:
             refs[i] = join_uri(shard.images_uri or "", name)
+    refused = [refused_all] * n if refused_all is not None else check_refs(refs, allowed)
+    flag_refused(refused, reject, detail)
+    refs = [None if r is not None else ref for ref, r in zip(refs, refused, strict=True)]
     return assemble(table, cols, source=shard.uri, shard=shard.index, key=keys,
                     image_ref=pa.array(refs, pa.string()), image_offset=pa.array(offsets, pa.int64()),
                     image_size=pa.array(sizes, pa.int64()), reject=reject, detail=detail,

@@ -6,15 +6,13 @@ files, so the last shard of each file may be shorter. Only the row groups coveri
 
 Columns: caption (`caption`/`TEXT`/`text`), url (`url`/`URL`), optional key (`key`), optional image
 column (`image_path`, or `ingest.image_column`): a path relative to the Parquet file's folder, or an
-absolute path/URL. Without a key column, key = `stable_key(url or image path, caption)` as written in the
+absolute path/URL, read only inside the folder or a prefix of `ingest.external_images` and never over
+http(s) (`stages.image_refs`; others are rejected `image_not_allowed`/`image_web_url`). Without a key column, key = `stable_key(url or image path, caption)` as written in the
 source, so exact (url, caption) repeats inside a shard are reported as `duplicate_key`. Every other column
 passes through with its Parquet type.
 """
 
 from __future__ import annotations
-
-import posixpath
-from collections import defaultdict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,17 +23,18 @@ from stages.sources.base import (
     as_string_column,
     assemble,
     basename,
+    existing_files,
     fill_missing_keys,
+    flag_refused,
     join_uri,
-    list_dir,
     parent_uri,
     resolve_columns,
+    resolve_image_paths,
     split_shards,
     stable_key,
     url_to_fs,
 )
 from stages.sources.config import IngestConfig
-from stages.sources.folder import relative_image_path
 
 IMAGE_ALIASES = ("image_path",)
 
@@ -122,39 +121,14 @@ def read(shard: SourceShard, cfg: IngestConfig) -> pa.Table:
     missing: list[str | None] = [None] * n
     if cols.image:
         base = parent_uri(shard.uri)
-        wanted = [_image_uri(p, base, cfg.external_images) for p in images]
-        present = _existing(u for u in wanted if u is not None)
+        wanted, refused = resolve_image_paths(images, base, cfg.allowed_images(base))
+        flag_refused(refused, reject, detail)
+        present = existing_files(u for u in wanted if u is not None)
         for i, want in enumerate(wanted):
             if want is not None and want in present:
                 refs[i] = want
-            else:
-                missing[i] = (f"image {images[i]!r} not found" if want is not None
-                              else f"image path {images[i]!r} points outside the source folder "
-                                   "(set ingest.external_images=true to allow)" if images[i]
-                              else "no image path")
+            elif refused[i] is None:
+                missing[i] = f"image {images[i]!r} not found" if want is not None else "no image path"
     return assemble(table, cols, source=shard.uri, shard=shard.index, key=keys,
                     image_ref=pa.array(refs, pa.string()), reject=reject, detail=detail,
                     image_missing=missing)
-
-
-def _image_uri(path: str | None, base: str, external: bool) -> str | None:
-    """Where an `image_path` value points: inside the Parquet file's folder, or (only with
-    `ingest.external_images`) an absolute path or URL. None for a path that escapes the folder."""
-    if path is None:
-        return None
-    if "://" in path or path.startswith("/"):
-        return path if external else None
-    inside = relative_image_path(path)
-    return None if inside is None else join_uri(base, inside)
-
-
-def _existing(uris) -> set[str]:
-    """Which image URIs exist, with one listing per distinct parent folder."""
-    by_dir: dict[str, set[str]] = defaultdict(set)
-    for u in uris:
-        by_dir[parent_uri(u)].add(u)
-    present: set[str] = set()
-    for folder in sorted(by_dir):
-        files = {name for name, kind in list_dir(folder).items() if kind == "file"}
-        present.update(u for u in by_dir[folder] if posixpath.basename(u) in files)
-    return present

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faults  # noqa: E402
 
 from grit_pipeline.api import resolve_config  # noqa: E402
-from grit_pipeline.engine import build_plan, default_stage_classes, execute  # noqa: E402
+from grit_pipeline.engine.plan import build_plan, default_stage_classes  # noqa: E402
+from grit_pipeline.engine.runner import execute  # noqa: E402
 
 
 def main(spec: dict) -> None:

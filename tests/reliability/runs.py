@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 from corpus import Corpus
 
 from grit_pipeline.api import resolve_config
-from grit_pipeline.engine import RunResult, build_plan, default_stage_classes, execute
-from grit_pipeline.plan import config_for
+from grit_pipeline.engine.plan import build_plan, config_for, default_stage_classes
+from grit_pipeline.engine.runner import RunResult, execute
 from stages.registry import STAGE_ORDER
 
 

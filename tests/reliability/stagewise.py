@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from grit_pipeline.stage_io import join_upstream
+from grit_pipeline.engine.stage_io import join_upstream
 from schemas.tables import REJECT_SCHEMA
 from stages.base import StageResult
 from stages.chunks import ChunksConfig, ChunksStage
@@ -100,8 +100,8 @@ def write_run_dir(run: StagewiseRun, root: Path, config: dict) -> dict[str, str]
     stats); returns the stage fingerprints (made-up ones: nothing here is cached or reused)."""
     import yaml
 
-    from grit_pipeline.rundir import RunDir, ShardFiles
-    from grit_pipeline.stats import shard_stats
+    from grit_pipeline.engine.stats import shard_stats
+    from grit_pipeline.rundir.store import RunDir, ShardFiles
 
     fps = {name: f"{i + 1:016x}" for i, name in enumerate(STAGE_ORDER)}
     root.mkdir(parents=True, exist_ok=True)

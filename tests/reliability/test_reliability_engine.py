@@ -231,3 +231,48 @@ def test_a_file_where_the_final_folder_must_go_fails_clearly(corpus, clean, tmp_
     with pytest.raises(OSError, match="grit"):
         run_engine(corpus, out, config)
     assert broken_commits(out) == []
+
+
+# --- the driver dying in the middle of its bookkeeping ------------------------------------------------------
+CRASH_POINTS = {  # what is being written when the driver dies, and at which matching write
+    "a batch of markers": ("/_done/shard-", 4),
+    "a ledger segment": ("/_ledger/seg-", 3),
+    "a ledger summary (a segment sealed and folded)": ("/stages/ingest/*/_ledger/summary.json", 2),
+    "progress.json": ("progress.json", 3),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(CRASH_POINTS))
+def test_driver_killed_during_bookkeeping_then_rerun_agrees_with_the_markers(corpus, clean, ray_ready, tmp_path,
+                                                                            point):
+    """The driver is SIGKILLed while it writes a marker batch, a ledger segment, a ledger summary or
+    progress.json; the re-run gives byte-identical data, and the ledgers `grit status` reads agree with
+    the `_done` markers."""
+    from grit_pipeline.commands.status import run_status
+    from grit_pipeline.rundir.ledger import ledger_folder, read_ledger
+    from grit_pipeline.rundir.store import RunDir
+
+    source, config, _, fps = clean
+    out = tmp_path / "run"
+    address = ray_ready.get_runtime_context().gcs_address
+    crash_config = replay_config(corpus, run={"progress": False, "address": address})
+    text, n = CRASH_POINTS[point]
+    spec = {"input": str(corpus.root), "output": str(out), "config": crash_config, "segment_records": 2}
+    driver = subprocess.run([sys.executable, str(Path(__file__).with_name("crash_driver.py")), json.dumps(spec)],
+                            env={**os.environ, "GRIT_TEST_CRASH": f"{text}:{n}"}, capture_output=True, text=True,
+                            timeout=600)
+    assert driver.returncode == -signal.SIGKILL, driver.stdout[-2000:] + driver.stderr[-3000:]
+    assert not (out / "grit").exists() or len(list((out / "grit").glob("shard-*.parquet"))) < len(GOOD_SHARDS)
+
+    result = run_engine(corpus, out, config)
+    assert [(f.stage, f.shard) for f in result.failures] == [("ingest", corpus.bad_shard)]
+    assert broken_commits(out) == []
+    assert_same_data(out, source)
+    status = run_status(RunDir(str(out)))
+    for s in status["stages"]:
+        markers = committed(out, s["stage"], fps[s["stage"]])
+        fold, found = read_ledger(RunDir(str(out)), ledger_folder(s["stage"], fps[s["stage"]]))
+        assert found and list(fold.committed) == markers, s["stage"]
+        assert s["committed"] == len(markers) and s["source"] == "ledger", s
+    assert status["final_shards"] == len(GOOD_SHARDS) and status["state"] == "finished"
