@@ -158,7 +158,9 @@ def test_a_run_whose_lease_is_taken_over_stops_and_leaves_the_directory_alone(ra
     import json
     import threading
 
-    from grit_pipeline.rundir.lease import LeaseLost
+    from grit_pipeline.rundir.conditional_write import Conflict, conditional_file
+    from grit_pipeline.rundir.lease import LEASE_FILE, LeaseLost
+    from grit_pipeline.rundir.store import RunDir
 
     config = load_config(None, [*replay_overrides(six_shards.detections), "run.progress=false",
                                 "run.resources.detect.batch_size=4", "run.lease_stale_s=2"])
@@ -172,8 +174,17 @@ def test_a_run_whose_lease_is_taken_over_stops_and_leaves_the_directory_alone(ra
         deadline = time.monotonic() + 120
         while not first_ingest.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        lease = json.loads((run / "lease.json").read_text())
-        (run / "lease.json").write_text(json.dumps({**lease, "token": "another run", "host": "elsewhere"}))
+        # as a newcomer takes a stale lease over: compare-and-swap under the store's lock, so the holder's
+        # heartbeat cannot write over it (a plain write could be overwritten by a heartbeat mid-replace)
+        lease_file = conditional_file(RunDir(str(run)), LEASE_FILE)
+        while True:
+            current, _ = lease_file.read()
+            try:
+                lease_file.replace(json.dumps({**json.loads(current.data), "token": "another run",
+                                               "host": "elsewhere"}).encode(), current.version)
+                break
+            except Conflict:  # a heartbeat came between the read and the swap: read again
+                continue
         for path in theirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"the new owner's")
