@@ -19,10 +19,16 @@ worker process that hosts it.
 **A finished run of 100,000 shards** cannot be made here by running it (at this machine's pace, about
 two requests a second per shard through moto, that is days), so `--finished N` writes the files such a
 run leaves for status and a re-run to read -- every stage's `_done` markers and ledger, the publish
-ledger, `grit/`, run.yaml -- by copying a real one-shard run's files per shard (`finished_layout`), then
+ledger, `grit/`, run.yaml, progress.json -- by copying a real one-shard run's files per shard (`finished_layout`), then
 measures `grit status` (cold, refresh) and a re-run of the finished run with the real engine, on local
-disk and on S3. moto lists a prefix by scanning every key of the bucket for each page of 1,000, so S3
-seconds for listings there grow with the bucket, unlike AWS's; its request counts are what AWS would get.
+disk and on S3.
+
+**Listings.** moto answers each page of a listing by scanning every key of the bucket (about 2.5 s a page
+in a bucket of 700,000 objects), which AWS does not: there a page costs the same whatever the bucket
+holds. By default (`--listing indexed`) the server answers ListObjectsV2 pages from a sorted index of the
+bucket's key names (`bench/moto_listing.py`; the same pages as moto's own, checked by
+`tests/test_bench_scripts.py`), so S3 seconds are the engine's and the protocol's, not moto's scan;
+`--listing moto` keeps moto's own listing. Request counts are the same either way.
 
     python bench/run_scale.py --shards 1000 3000 --finished 100000    # 2 rows per shard (about 2 h here)
     python bench/run_scale.py --shards 200 --finished 5000 --out /tmp/run_scale_small.json
@@ -56,6 +62,13 @@ from werkzeug.serving import run_simple
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
 app = DomainDispatcherApplication(create_backend_app)
+indexed = sys.argv[2] == "indexed"
+if indexed:  # pages of ListObjectsV2 from a sorted index, as AWS answers them (bench/moto_listing.py)
+    sys.path.insert(0, sys.argv[3])
+    import moto_listing
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    moto_listing.install(s3_backends[DEFAULT_ACCOUNT_ID]["aws"])
 lock = threading.Lock()
 counts = Counter()
 
@@ -79,6 +92,8 @@ def counted(environ, start_response):
         from urllib.parse import parse_qs
         q = parse_qs(environ.get("QUERY_STRING", ""))
         body = str(load_folder(q["bucket"][0], q["root"][0])).encode()
+        if indexed:
+            moto_listing.touch()
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
         return [body]
     if environ.get("PATH_INFO") == "/__count":
@@ -93,6 +108,8 @@ def counted(environ, start_response):
         if part in path:
             kind = part.strip("/")
             break
+    if indexed and environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+        moto_listing.touch()  # the bucket may change: the next listing rebuilds its index
     with lock:
         counts["total"] += 1
         counts[environ.get("REQUEST_METHOD", "?")] += 1
@@ -310,7 +327,8 @@ def measure_one(shards: int, rows: int, endpoint: str) -> dict:
 # --- a finished run of many shards, made from a real one-shard run -------------------------------------------
 def finished_layout(config: dict, shards: int, rows: int, base_dir: Path, big_dir: Path) -> int:
     """Write, under `big_dir`, what a finished run of `shards` instant shards leaves for `grit status` and a
-    re-run to read: every stage's `_done` markers and ledger, the publish ledger, `grit/` and run.yaml.
+    re-run to read: every stage's `_done` markers and ledger, the publish ledger, `grit/`, run.yaml and
+    progress.json (state `finished`, each ledger's position: what a clean finish leaves).
 
     The shard files come from a real run of one shard (`base_dir`, the real engine), copied per shard with
     the shard's number in them (markers, the publish ledger's basis chain, which `next_basis` recomputes,
@@ -326,6 +344,7 @@ def finished_layout(config: dict, shards: int, rows: int, base_dir: Path, big_di
     from grit_pipeline.engine.publish import GENESIS, PUBLISH, PublishFold, next_basis
     from grit_pipeline.engine.runner import execute
     from grit_pipeline.rundir.ledger import LedgerWriter, ledger_folder, read_segment
+    from grit_pipeline.rundir.progress import read_progress, write_progress
     from grit_pipeline.rundir.store import RunDir, json_bytes, shard_name
 
     base = execute(build_plan(config, input_uri=f"scale://1/{rows}", output_uri=str(base_dir), stage_classes=STAGES),
@@ -334,6 +353,7 @@ def finished_layout(config: dict, shards: int, rows: int, base_dir: Path, big_di
     src = RunDir(str(base_dir))
     plan = build_plan(config, input_uri=f"scale://{shards}/{rows}", output_uri=str(big_dir), stage_classes=STAGES)
     big, now, written = plan.rundir, time.time(), 0
+    positions: dict[str, list[int]] = {}
 
     def rename(value, shard: int):  # shard 0's names and number -> `shard`'s
         if isinstance(value, dict):
@@ -356,6 +376,7 @@ def finished_layout(config: dict, shards: int, rows: int, base_dir: Path, big_di
         writer = LedgerWriter(big, ledger_folder(stage.name, stage.fingerprint))
         writer.append(records)
         writer.flush()
+        positions[stage.name] = list(writer.position)
         written += shards
     compose = plan.stages[-1]
     record0 = read_segment(src, PUBLISH, 0)[0]
@@ -374,7 +395,12 @@ def finished_layout(config: dict, shards: int, rows: int, base_dir: Path, big_di
     run_yaml = yaml.safe_load((base_dir / "run.yaml").read_text()) | {"fingerprints": plan.fingerprints,
                                                                       "planned_shards": f"0-{shards - 1}"}
     big.write_text("run.yaml", yaml.safe_dump(run_yaml, sort_keys=False))
-    return written + 2 * shards
+    progress = read_progress(src) | {"planned": f"0-{shards - 1}", "published": shards, "failures": 0,
+                                     "stages": {s.name: {"fingerprint": s.fingerprint, "inflight": "",
+                                                         "ledger": positions[s.name]} for s in plan.stages}}
+    assert progress["state"] == "finished", progress
+    write_progress(big, progress)  # as the run's bookkeeping leaves it at a clean finish
+    return written + 2 * shards + 1
 
 
 def _reset_peak_rss() -> None:
@@ -451,11 +477,12 @@ def measure_finished(shards: int, rows: int, endpoint: str, workdir: str | None,
 
 
 # --- the parent: a counting S3 server, one child per size ---------------------------------------------------
-def start_server() -> tuple[subprocess.Popen, str]:
+def start_server(listing: str = "indexed") -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port), listing, str(Path(__file__).resolve().parent)],
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -477,6 +504,9 @@ def main() -> None:
     ap.add_argument("--finished-where", nargs="+", choices=["local", "s3"], default=["local", "s3"],
                     help="where to measure the finished runs (S3 through moto takes long at 100k: see above)")
     ap.add_argument("--workdir", default=None, help="local folder for the finished runs' files")
+    ap.add_argument("--listing", choices=["indexed", "moto"], default="indexed",
+                    help="how the S3 server answers listings: from a sorted index as AWS does (default), or "
+                         "moto's own scan of the whole bucket per page")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child: one size
     ap.add_argument("--one-finished", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", default=None, help=argparse.SUPPRESS)
@@ -489,7 +519,7 @@ def main() -> None:
                                           args.finished_where)))
         return
 
-    proc, endpoint = start_server()
+    proc, endpoint = start_server(args.listing)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint,
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONHASHSEED": "0"}
@@ -542,7 +572,7 @@ def main() -> None:
               f"{b['run']['driver_cpu_ms_per_shard'] / a['run']['driver_cpu_ms_per_shard']:.2f}x; requests per shard: "
               f"{b['run']['requests_per_shard']} / {a['run']['requests_per_shard']} = "
               f"{b['run']['requests_per_shard'] / a['run']['requests_per_shard']:.2f}x")
-    harness.write_figures(flat_figures(args.rows, results, finished), args.out)
+    harness.write_figures({"listing": args.listing, **flat_figures(args.rows, results, finished)}, args.out)
 
 
 def flat_figures(rows: int, results: list[dict], finished: list[dict]) -> dict:

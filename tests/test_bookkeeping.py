@@ -95,10 +95,13 @@ def test_a_marker_that_cannot_be_written_fails_its_shard_and_its_later_stages(tm
 def test_abort_writes_nothing_more(tmp_path):
     rundir = RunDir(str(tmp_path / "run"))
     keeper = keeper_for(rundir, flush_s=3600.0)
+    started = rundir.read_bytes(rundir.path("progress.json"))  # `running`, written before any marker
+    assert read_progress(rundir)["state"] == "running"
     keeper.abort()
     keeper.commit("ingest", 0, marker("ingest", 0), STATS)
     time.sleep(0.3)
-    assert rundir.committed("ingest", FPS["ingest"]) == set() and read_progress(rundir) is None
+    assert rundir.committed("ingest", FPS["ingest"]) == set()
+    assert rundir.read_bytes(rundir.path("progress.json")) == started
 
 
 def test_a_ledger_catches_up_with_the_markers_and_is_rebuilt_when_it_claims_too_much(tmp_path):
@@ -207,3 +210,47 @@ def test_status_of_a_ledger_run_shows_failures_and_in_flight(tmp_path):
     keeper.close()
     assert run_status(rundir)["stages"][0]["inflight"] == 0  # the run ended: nothing in flight
     assert json.loads((tmp_path / "run/progress.json").read_text())["state"] == "finished"
+
+
+def test_the_next_plan_takes_a_cleanly_finished_runs_commits_from_the_ledgers(tmp_path):
+    """After a run that finished, `build_plan` takes each stage's committed shards from its ledger (no
+    `_done/` listing); not after a run that did not finish, nor for a ledger written since, nor without
+    progress.json -- those stages are listed."""
+    from grit_pipeline.engine.plan import ledger_committed
+
+    rundir = RunDir(str(tmp_path / "run"))
+    keeper = keeper_for(rundir, flush_s=0.0)
+    assert ledger_committed(rundir, FPS) == {}  # this run is `running`
+    for shard in (0, 1, 2, 5):
+        keeper.commit("ingest", shard, marker("ingest", shard), STATS)
+    keeper.commit("chunks", 0, marker("chunks", 0), STATS)
+    drain(keeper, 5)
+    keeper.close("finished")
+    trusted = ledger_committed(rundir, FPS)
+    assert {s: str(r) for s, r in trusted.items()} == {"ingest": "0-2,5", "chunks": "0", "detect": ""}
+    assert all(set(trusted[s]) == rundir.committed(s, FPS[s]) for s in STAGES)
+    assert ledger_committed(rundir, {**FPS, "detect": "another"}).keys() == {"ingest", "chunks"}
+
+    w = open_ledger(rundir, "chunks", FPS["chunks"], ShardRanges([0]))  # something wrote to a ledger since
+    w.append([{"shard": 7, "rows": 1, "files": {}}])
+    w.flush()
+    assert ledger_committed(rundir, FPS).keys() == {"ingest", "detect"}
+
+    keeper = keeper_for(rundir, flush_s=0.0)  # a run that starts and stops (a crash leaves `running`)
+    keeper.close("stopped")
+    assert ledger_committed(rundir, FPS) == {}
+    keeper_for(rundir, flush_s=0.0).close("finished")
+    assert ledger_committed(rundir, FPS).keys() == set(STAGES)
+    rundir.fs.rm(rundir.path("progress.json"))  # what the docs say to do after removing markers by hand
+    assert ledger_committed(rundir, FPS) == {}
+
+
+def test_a_run_that_cannot_write_progress_json_does_not_start(tmp_path, monkeypatch):
+    """`running` must replace a `finished` progress.json before any marker, or the next plan would trust
+    ledgers that this run's markers have outgrown."""
+    rundir = RunDir(str(tmp_path / "run"))
+    monkeypatch.setattr("grit_pipeline.engine.bookkeeping.with_retries", lambda fn, **kw: fn())
+    monkeypatch.setattr("grit_pipeline.engine.bookkeeping.write_progress",
+                        lambda *a: (_ for _ in ()).throw(PermissionError(13, "refused", "progress.json")))
+    with pytest.raises(PermissionError):
+        keeper_for(rundir, flush_s=0.0)

@@ -74,7 +74,7 @@ def test_a_run_is_leased_watched_stopped_and_resumed(ray_local, six_shards, tmp_
     run = tmp_path / "run"
     args = ["run", "--input", str(six_shards.root), "--output", str(run), "--num-cpus", "2", "--no-progress",
             *replay_overrides(six_shards.detections), "run.resources.detect.batch_size=2", "run.stop_grace_s=5"]
-    proc = subprocess.Popen([sys.executable, str(HERE / "slow_cli.py"), "0.3", *args], cwd=REPO, env=_env(),
+    proc = subprocess.Popen([sys.executable, str(HERE / "slow_cli.py"), "1.0", *args], cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(lambda: list(run.glob("stages/detect/*/_done/shard-*")), 300, "a detect commit", proc)

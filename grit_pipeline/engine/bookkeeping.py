@@ -21,6 +21,10 @@ stands). A crash loses at most the records of the last `FLUSH_S` seconds; the ma
 and `open_ledgers` adds what a ledger misses at the next start (and rebuilds a ledger that claims a
 shard whose marker is gone), reading only those shards' markers and stats.
 
+**progress.json** is written as `running` when the bookkeeper starts, before any marker, and with the
+run's end state at `close`: a `finished` one, with each ledger's position, tells the next `build_plan`
+that the ledgers hold exactly what the markers do (see `grit_pipeline.engine.plan`).
+
 **Leftovers.** An interrupted run leaves shard files without a marker only for shards that were in flight
 or failed. `clean_leftovers` removes exactly those (the previous run's `progress.json` says what was in
 flight, the ledgers what failed): no listing of the stage folders.
@@ -174,12 +178,13 @@ class Bookkeeper:
 
     def __init__(self, rundir: RunDir, ledgers: Mapping[str, LedgerWriter], *, stage_order: list[str],
                  fingerprints: Mapping[str, str], view: Mapping[str, Any] | None = None,
-                 flush_s: float = FLUSH_S, progress_s: float = PROGRESS_S):
+                 flush_s: float | None = None, progress_s: float | None = None):
         self.rundir = rundir
         self.ledgers = dict(ledgers)
         self.order = {name: i for i, name in enumerate(stage_order)}
         self.fingerprints = dict(fingerprints)
-        self.flush_s, self.progress_s = flush_s, progress_s
+        self.flush_s = FLUSH_S if flush_s is None else flush_s  # read at construction: tests may set FLUSH_S
+        self.progress_s = PROGRESS_S if progress_s is None else progress_s
         self._queue: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._events: list[CommitEvent] = []
         self._lock = threading.Lock()
@@ -193,6 +198,10 @@ class Bookkeeper:
         self._error: BaseException | None = None
         self._last_flush = self._last_progress = 0.0
         self.writes = 0  # objects written by this thread (markers, ledger segments, progress)
+        # progress.json says `running` before this run's first marker: a `finished` one lets the next run
+        # take committed shards from the ledgers without listing `_done/` (`build_plan`), which only holds
+        # while nothing wrote after it. Not written: the run does not start.
+        self._flush(time.monotonic(), force_progress=True, strict=True)
         self._thread = threading.Thread(target=self._run, name="grit-bookkeeping", daemon=True)
         self._thread.start()
 
@@ -333,7 +342,7 @@ class Bookkeeper:
                 out[shard] = f"cannot commit shard {shard} under {self.rundir.uri}: {e}"
         return out
 
-    def _flush(self, now: float, force_progress: bool = False) -> None:
+    def _flush(self, now: float, force_progress: bool = False, strict: bool = False) -> None:
         moved = False
         for name, writer in self.ledgers.items():
             try:
@@ -357,5 +366,7 @@ class Bookkeeper:
                 with_retries(lambda: write_progress(self.rundir, doc), what="write progress.json")
                 self.writes += 1
             except OSError as e:
+                if strict:
+                    raise
                 log.warning("cannot write progress.json (%s)", e)
             self._last_progress = now

@@ -3,6 +3,13 @@ committed (cached) and which will run (pending). Reads the input listing and lis
 `_done/` once (O(shards / 1000) requests on an object store, the one listing of a run's start); starts no
 Ray and imports no model library, so `grit plan` answers in a second or two.
 
+A stage that the last run closed cleanly is not listed: where `progress.json` says that run `finished`,
+with the stage at the same fingerprint and its ledger where that run left it, the ledger's committed
+shards are the listing's (`ledger_committed`; a re-run of a finished run then reads O(stages) objects
+before its work). Any run writes `progress.json` as `running` before its first marker, so a run that
+stopped, crashed or failed leaves the next one listing. Markers stay the truth: after removing markers by
+hand, delete `progress.json` and the next run lists every `_done/` and mends the ledgers from it.
+
     plan = build_plan(config, input_uri="data/in", output_uri="runs/a")
     plan.fingerprints            # {"ingest": "3f2a...", ..., "compose": "..."}
     plan.stage("detect").pending # shards detect will run
@@ -13,6 +20,7 @@ not committed; earlier stages' committed outputs are its input.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,10 +31,14 @@ from pydantic import BaseModel
 from grit_pipeline.config import RunConfig, parse_shard_spec, pipeline_config_model
 from grit_pipeline.engine.fingerprint import chain_fingerprints, source_fingerprint
 from grit_pipeline.errors import UserError, user_message
+from grit_pipeline.rundir.ledger import LedgerReader, ledger_folder
+from grit_pipeline.rundir.progress import read_progress
 from grit_pipeline.rundir.store import RunDir
 from grit_pipeline.shard_ranges import ShardRanges
 from stages.base import Execution, Resources, Stage, StageConfig
 from stages.sources.base import SourceSchemaError
+
+log = logging.getLogger(__name__)
 
 
 class PlanError(UserError, ValueError):
@@ -165,8 +177,11 @@ def build_plan(config: BaseModel, *, input_uri: str | None = None, output_uri: s
         raise PlanError(f"--output {output_uri}: a file, not a run directory (give a folder to create or resume)")
     listed: dict[str, ShardRanges] = {}
     if inspect_cache:  # each stage's `_done/` listed once, the stages side by side (pages of 1,000 on S3)
-        with ThreadPoolExecutor(max_workers=len(names)) as pool:
-            listed = dict(zip(names, pool.map(lambda n: ShardRanges(rundir.committed(n, fps[n])), names), strict=True))
+        listed = ledger_committed(rundir, fps)
+        unlisted = [n for n in names if n not in listed]
+        with ThreadPoolExecutor(max_workers=max(1, len(unlisted))) as pool:
+            listed |= dict(zip(unlisted, pool.map(lambda n: ShardRanges(rundir.committed(n, fps[n])), unlisted),
+                               strict=True))
     plans = []
     for i, n in enumerate(names):
         stage = classes[n](stage_cfgs[n], executions[n])
@@ -181,6 +196,29 @@ def build_plan(config: BaseModel, *, input_uri: str | None = None, output_uri: s
     allowed = getattr(source_stage, "image_allow_list", None)
     return RunPlan(config=config, input_uri=run.input, rundir=rundir, sources=sources, shards=selected,
                    caps=caps, stages=plans, allowed_images=allowed(run.input) if allowed else None)
+
+
+def ledger_committed(rundir: RunDir, fingerprints: Mapping[str, str]) -> dict[str, ShardRanges]:
+    """stage -> committed shards, from the ledgers of the stages the last run closed cleanly: its
+    `progress.json` says `finished`, names the stage's fingerprint and the position its ledger was left at,
+    and the ledger stands there now (nothing wrote to it since). Stages left out are to be listed."""
+    progress = read_progress(rundir)
+    if not progress or progress.get("state") != "finished":
+        return {}
+    out = {}
+    for name, fp in fingerprints.items():
+        seen = (progress.get("stages") or {}).get(name) or {}
+        if seen.get("fingerprint") != fp or not isinstance(seen.get("ledger"), list):
+            continue
+        reader = LedgerReader(rundir, ledger_folder(name, fp))
+        try:
+            fold = reader.read()
+        except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable: listed instead
+            log.info("stage %s: ledger not readable (%s); listing _done/", name, e)
+            continue
+        if reader.found and list(reader.position) == list(seen["ledger"]):
+            out[name] = fold.committed.copy()  # type: ignore[attr-defined]
+    return out
 
 
 def _input_error(uri: str, error: Exception) -> PlanError:

@@ -238,6 +238,7 @@ class LedgerReader:
         self._base: Fold | None = None  # the fold of every sealed segment read so far
         self._next = 0  # first segment not folded into _base
         self.found = False  # whether any ledger object exists
+        self.position = (0, 0)  # (open segment, its lines) as of the last read: a writer's `position`
 
     def read(self) -> Fold:
         """The fold of every record in the ledger (an empty fold if there is no ledger; see `found`)."""
@@ -251,6 +252,7 @@ class LedgerReader:
                 self._base, self._next = self.fold_cls(), 0
         fold = self._base.copy()
         n = self._next
+        lines = 0
         while True:
             records = self.seg.read_segment(n)
             if records is None:
@@ -259,9 +261,11 @@ class LedgerReader:
             for rec in records:
                 fold.add(rec)
             if len(records) < SEGMENT_RECORDS:
+                lines = len(records)
                 break
             self._base = fold.copy()  # sealed: never read again
             self._next = n = n + 1
+        self.position = (n, lines)
         return fold
 
 
