@@ -12,8 +12,11 @@ flushed, at least every heartbeat of the lease, and at the end of the run:
 
 `grit status` reads it to know what is in flight and whether a stage's ledger moved since its last read
 (so a `--watch` refresh re-reads only the ledgers that changed); the next `grit run` reads it to find the
-leftovers of shards that were in flight when the last one stopped. It is a view, not a record: the
-ledgers and the `_done` markers are the record.
+leftovers of shards that were in flight when the last one stopped, and, where it says `finished` and a
+stage's ledger still stands at the position given, takes that stage's committed shards from the ledger
+instead of listing `_done/` (`grit_pipeline.engine.plan.ledger_committed`). It is a view, not a record:
+the ledgers and the `_done` markers are the record; it is written as `running` before a run's first
+marker, so only a run that ended cleanly leaves `finished`.
 """
 
 from __future__ import annotations
