@@ -228,3 +228,27 @@ def test_a_threshold_change_over_many_shards_keeps_its_shards_in_flight_within_t
     assert again.final_shards == list(range(shards))
     peak, window = max(in_flight)
     assert peak <= window < shards, f"{peak} shards in flight at once, window {window}"
+
+
+def test_a_run_of_many_shards_keeps_its_shards_in_flight_bounded(ray_local, tmp_path, monkeypatch):
+    """Shards past detect (select and compose left) hold new admissions back once they fill their
+    window, so the shards in flight stay bounded by the two windows however many the run has: each pass
+    of the scheduling loop looks at those, so a run of 10,000 shards costs per shard what one of 1,000 does."""
+    from grit_pipeline.engine.scheduler import Scheduler
+
+    shards = 48
+    src = write_img2dataset(tmp_path / "input", shards=shards, rows_per_shard=2, bad_rows=False)
+    in_flight: list[tuple[int, int]] = []  # (shards admitted and not done, the two windows together)
+    admit = Scheduler._admit
+
+    def recording_admit(self) -> None:
+        admit(self)
+        in_flight.append((len(self.active), self.window + self.cheap_window))
+
+    monkeypatch.setattr(Scheduler, "_admit", recording_admit)
+    config = load_config(None, [*replay_overrides(src.detections), "run.progress=false"])
+    result = execute(build_plan(config, input_uri=str(src.root), output_uri=str(tmp_path / "run")))
+    assert result.ok, result.failures
+    assert result.final_shards == list(range(shards))
+    peak, bound = max(in_flight)
+    assert peak <= bound < shards, f"{peak} shards in flight at once, bound {bound}"

@@ -331,7 +331,9 @@ class Scheduler:
     # --- admission -----------------------------------------------------------------------------------
     def _admit(self) -> None:
         """Admit shards in shard order while their window has room: shards before or in the stage in parts
-        count against `window`, shards past it (only cheap stages left) against `cheap_window`."""
+        count against `window`, shards past it (only cheap stages left) against `cheap_window`. A full
+        `cheap_window` also holds new shards back: the task stages after the bottleneck are behind, and
+        admitting more would pile shards up there (every pass of the loop looks at them)."""
         bottleneck = self.parts_stage.index if self.parts_stage is not None else len(self.stages) - 1
         ahead = sum(1 for f in self.active.values() if f.at <= bottleneck)
         past = len(self.active) - ahead
@@ -341,7 +343,7 @@ class Scheduler:
                 self.to_admit.pop()
                 continue
             cheap = flow.at > bottleneck
-            if (past >= self.cheap_window) if cheap else (ahead >= self.window):
+            if past >= self.cheap_window or (not cheap and ahead >= self.window):
                 break
             self.to_admit.pop()
             flow.admitted = True
