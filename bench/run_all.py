@@ -46,6 +46,7 @@ SCRIPTS: dict[str, list[str]] = {
     "peak_rss": [],
     "status_read": [],
     "run_scale": ["--shards", "1000", "10000", "--finished", "100000"],
+    "driver_scale": [],
     "report_memory": [],
     "publish_scale": [],
     "validate_scale": [],
